@@ -1,0 +1,37 @@
+# One command on a fresh machine: `make run` (serve the example bank) or
+# `make test` (the whole test suite). Each creates .venv first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATADIR ?= var/bank
+USERS ?= var/users
+PB ?= tcp:8789:interface=127.0.0.1
+
+.PHONY: venv run test lint bench clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# compat mode puts the checkout itself on sys.path, which is what lets
+	# Twisted's plugin scan find twisted/plugins/txjournal_plugin.py.
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,dev,tls]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv
+	$(BIN)/python -m txjournal adduser --users $(USERS) --if-missing admin rw
+	$(BIN)/twistd -n journal --app examples.bank:bank --datadir $(DATADIR) --users $(USERS) --pb $(PB) --snapshot-interval 300
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check txjournal tests examples twisted bench
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

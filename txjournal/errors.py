@@ -1,0 +1,130 @@
+"""
+Exceptions raised by txjournal.
+
+Every error names what was wrong (a command name, a file and offset, the
+holder of a lock) because the person reading it is usually an operator at
+start-up time, with nothing but the message to go on.
+"""
+
+from __future__ import annotations
+
+
+class TxJournalError(Exception):
+    """Base class of every error txjournal raises on purpose."""
+
+
+class SchemaError(TxJournalError):
+    """A command or query was registered in a way that cannot work."""
+
+
+class UnknownCommand(TxJournalError):
+    """No command is registered under this name."""
+
+    def __init__(self, name: str, schema: str, known: list[str]) -> None:
+        self.name = name
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"schema {schema!r} has no command named {name!r} (known: {listed})"
+        )
+
+
+class UnknownQuery(TxJournalError):
+    """No query is registered under this name."""
+
+    def __init__(self, name: str, schema: str, known: list[str]) -> None:
+        self.name = name
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"schema {schema!r} has no query named {name!r} (known: {listed})"
+        )
+
+
+class InvalidArguments(TxJournalError):
+    """Arguments given for a command or query do not fit its signature."""
+
+
+class CommandEncodeError(TxJournalError):
+    """
+    A command's fields cannot be encoded for the journal.
+
+    Raised by ``execute`` before anything is written: the command is rejected,
+    not failed, so it is not part of history.
+    """
+
+
+class JournalCorrupt(TxJournalError):
+    """
+    The journal holds damage that is not a torn tail.
+
+    Start-up refuses to go on, because skipping a record would silently change
+    history. ``python -m txjournal verify DATADIR`` shows the whole picture.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        offset: int,
+        seq: int | None,
+        reason: str,
+        command: str | None = None,
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.seq = seq
+        self.reason = reason
+        self.command = command
+        where = f"{path} at offset {offset}"
+        if seq is not None:
+            where += f" (sequence number {seq}"
+            if command is not None:
+                where += f", command {command!r}"
+            where += ")"
+        super().__init__(
+            f"journal is corrupt: {reason}: {where}; "
+            f"run 'python -m txjournal verify' on the data directory for details"
+        )
+
+
+class JournalWriteError(TxJournalError):
+    """
+    Writing or syncing the journal failed.
+
+    The outcome of the batch on disk is unknown, so the journal stops: every
+    pending command fails with this error and new commands are refused until
+    the service is restarted, which recovers exactly what reached the disk.
+    """
+
+
+class JournalFailed(JournalWriteError):
+    """The journal stopped after a write error; it accepts no more commands."""
+
+
+class JournalOverloaded(TxJournalError):
+    """Too many commands are waiting for the disk; try again later."""
+
+
+class NotRunning(TxJournalError):
+    """The service is not running (not started yet, or stopping)."""
+
+
+class DataDirLocked(TxJournalError):
+    """Another process (or service) owns the data directory."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(
+            f"data directory {path} is locked by another owner ({holder})"
+        )
+
+
+class UnsafeDataDir(TxJournalError):
+    """The data directory's permissions would expose or endanger the data."""
+
+
+class SnapshotError(TxJournalError):
+    """A snapshot could not be written or loaded."""
+
+
+class RecoveryError(TxJournalError):
+    """Start-up could not rebuild the model from snapshots and journal."""

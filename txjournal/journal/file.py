@@ -1,0 +1,250 @@
+"""
+The file journal: numbered segments of checksummed records in ``DATADIR/journal``.
+
+Recovery rules (see ``docs/format.rst``): an invalid record at the end of the
+last segment with no valid record after it is a torn write and is cut off;
+any other invalid record, a gap in sequence numbers or a segment that does
+not follow its predecessor is corruption and stops start-up with the file,
+offset and sequence number.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from typing import Iterator
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txjournal import record as rec
+from txjournal.errors import JournalCorrupt
+from txjournal.fs import OSFileSystem, write_all
+from txjournal.interfaces import IFileSystem, IJournal
+
+DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+
+_SEGMENT_RE = re.compile(r"^(\d{20})\.log$")
+_TEMP_PREFIX = ".tmp-"
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.log"
+
+
+@implementer(IJournal)
+class FileJournal:
+    """
+    A journal in a directory of segment files.
+
+    :param segment_size: roll over to a new segment once the current one has
+        grown past this many bytes (checked between batches, so a segment
+        may exceed it by one batch).
+    :param sync: ``False`` skips ``fdatasync``: acknowledged commands can
+        then be lost on power failure. For tests and benchmarks only.
+    :param readonly: never modify anything (the inspection tools); a torn
+        tail is reported in :attr:`torn_tail` instead of being cut off.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: str,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        sync: bool = True,
+        fs: IFileSystem | None = None,
+        readonly: bool = False,
+    ) -> None:
+        if segment_size < rec.SEGMENT_HEADER_SIZE + 64:
+            raise ValueError(f"segment_size {segment_size} is too small")
+        self.directory = os.path.abspath(directory)
+        self.segment_size = segment_size
+        self.sync = sync
+        self.readonly = readonly
+        self._fs: IFileSystem = fs if fs is not None else OSFileSystem()
+        self.segments: list[tuple[int, str]] = []
+        self.journal_id = 0
+        self.salt = b""
+        self.next_seq = 1
+        #: ``(path, offset, reason)`` of a torn tail found by :meth:`replay`.
+        self.torn_tail: tuple[str, int, str] | None = None
+        self._replayed = False
+        self._fd: int | None = None
+        self._tail_path: str | None = None
+        self._size = 0
+
+    # -- opening and replay ---------------------------------------------------
+
+    def open(self) -> None:
+        fs = self._fs
+        if not self.readonly:
+            fs.makedirs(self.directory)
+        try:
+            names = fs.listdir(self.directory)
+        except FileNotFoundError:
+            names = []
+        segments = []
+        for name in names:
+            m = _SEGMENT_RE.match(name)
+            if m:
+                segments.append((int(m.group(1)), os.path.join(self.directory, name)))
+            elif name.startswith(_TEMP_PREFIX) and not self.readonly:
+                # A segment whose creation was interrupted before its rename:
+                # it never held a record.
+                fs.unlink(os.path.join(self.directory, name))
+        # Ordered by first sequence number, never by directory listing order.
+        self.segments = sorted(segments)
+        if not self.segments:
+            self.journal_id = secrets.randbits(64)
+            self.salt = self.journal_id.to_bytes(8, "little")
+
+    def first_seq(self) -> int | None:
+        """The first sequence number the journal still holds, if any."""
+        return self.segments[0][0] if self.segments else None
+
+    def replay(self, from_seq: int = 1) -> Iterator[rec.Record]:
+        segments = self.segments
+        self._replayed = False
+        if not segments:
+            self.next_seq = 1
+            self._replayed = True
+            return
+        start = 0
+        for i, (first, _path) in enumerate(segments):
+            if first <= from_seq:
+                start = i
+        expected = segments[start][0]
+        if expected > from_seq:
+            raise JournalCorrupt(
+                segments[start][1], 0, from_seq,
+                f"records {from_seq}..{expected - 1} are missing (the oldest "
+                f"segment starts at {expected})",
+            )
+        last = len(segments) - 1
+        salt: bytes | None = None
+        for i in range(start, len(segments)):
+            first, path = segments[i]
+            data = memoryview(self._fs.read(path))
+            try:
+                header = rec.decode_segment_header(data)
+            except rec.BadSegmentHeader as e:
+                raise JournalCorrupt(path, 0, None, f"bad segment header: {e}") from None
+            if header.first_seq != first:
+                raise JournalCorrupt(
+                    path, 0, header.first_seq,
+                    f"segment header says it starts at {header.first_seq}, its name says {first}",
+                )
+            if salt is None:
+                salt = header.salt_bytes
+                self.journal_id = header.salt
+                self.salt = salt
+            elif header.salt_bytes != salt:
+                raise JournalCorrupt(
+                    path, 0, first, "segment belongs to another journal (salt differs)"
+                )
+            if first != expected:
+                raise JournalCorrupt(
+                    path, 0, expected,
+                    f"segment starts at {first} but the previous one ended at "
+                    f"{expected - 1}: records {expected}..{first - 1} are missing",
+                )
+            offset = rec.SEGMENT_HEADER_SIZE
+            end = len(data)
+            while offset < end:
+                try:
+                    record, nxt = rec.decode_at(data, offset, salt)
+                except rec.RecordError as e:
+                    if i == last and rec.find_valid_record(data, offset + 1, salt, expected - 1) is None:
+                        self._torn(path, offset, e.reason, end - offset)
+                        end = offset
+                        break
+                    raise JournalCorrupt(
+                        path, offset, e.seq if e.seq is not None else expected,
+                        f"invalid record ({e.reason}) followed by valid data"
+                        if i == last else f"invalid record ({e.reason})",
+                    ) from None
+                if record.seq != expected:
+                    raise JournalCorrupt(
+                        path, offset, record.seq,
+                        f"expected sequence number {expected}",
+                        record.name,
+                    )
+                expected += 1
+                offset = nxt
+                if record.seq >= from_seq:
+                    yield record
+            if i == last:
+                self._tail_path = path
+                self._size = end
+        self.next_seq = expected
+        self._replayed = True
+
+    def _torn(self, path: str, offset: int, reason: str, length: int) -> None:
+        self.torn_tail = (path, offset, reason)
+        if self.readonly:
+            return
+        self.log.warn(
+            "Cutting off a torn write at the end of the journal: {length} bytes "
+            "at offset {offset} of {path} ({reason}). These commands were never "
+            "acknowledged.",
+            length=length, offset=offset, path=path, reason=reason,
+        )
+        self._fs.truncate(path, offset)
+        fd = self._fs.open_append(path)
+        try:
+            self._fs.fsync(fd)
+        finally:
+            self._fs.close(fd)
+
+    # -- appending (writer thread) --------------------------------------------
+
+    def append(self, data: bytes, first_seq: int, last_seq: int) -> None:
+        if self.readonly:
+            raise ValueError("journal was opened read-only")
+        if not self._replayed:
+            raise ValueError("replay the journal to its end before appending")
+        if first_seq != self.next_seq:
+            raise ValueError(f"append of {first_seq} but the journal expects {self.next_seq}")
+        fs = self._fs
+        if self._fd is None or self._size >= self.segment_size:
+            self._open_for_append(first_seq)
+        assert self._fd is not None
+        write_all(fs, self._fd, data)
+        if self.sync:
+            fs.fdatasync(self._fd)
+        self._size += len(data)
+        self.next_seq = last_seq + 1
+
+    def _open_for_append(self, first_seq: int) -> None:
+        fs = self._fs
+        if self._fd is None and self._tail_path is not None and self._size < self.segment_size:
+            self._fd = fs.open_append(self._tail_path)
+            return
+        if self._fd is not None:
+            fs.close(self._fd)
+            self._fd = None
+        # A new segment appears under its final name only once its header is
+        # durable, so a crash mid-creation leaves a temp file, not a segment
+        # with a torn header.
+        name = segment_name(first_seq)
+        final = os.path.join(self.directory, name)
+        temp = os.path.join(self.directory, _TEMP_PREFIX + name)
+        fd = fs.create_exclusive(temp)
+        try:
+            write_all(fs, fd, rec.encode_segment_header(self.journal_id, first_seq))
+            fs.fsync(fd)
+        finally:
+            fs.close(fd)
+        fs.rename(temp, final)
+        fs.fsync_dir(self.directory)
+        self.segments.append((first_seq, final))
+        self._tail_path = final
+        self._size = rec.SEGMENT_HEADER_SIZE
+        self._fd = fs.open_append(final)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._fs.close(fd)

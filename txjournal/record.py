@@ -1,0 +1,223 @@
+"""
+Journal record framing and checksums: pure functions, no I/O.
+
+The format is documented in ``docs/format.rst``; keep the two in step. In
+short, a segment is a 32-byte header followed by records::
+
+    segment header  magic "TXJRNL\\r\\n" | u16 version | u16 flags
+                    | u64 salt | u64 first_seq | u32 crc      (little-endian)
+    record          u32 length | u32 crc | body[length]
+    body            u64 seq | i64 time_ns | u16 version | u8 kind
+                    | u8 name_len | u8 user_len | name | user | fields
+
+``crc`` is the masked CRC-32C of ``salt | length | body``. Putting the
+segment's salt under the checksum means bytes left over from another journal
+(a reused or preallocated file) never verify; putting the sequence number
+under it means a stale record can never pass for a later one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from crc32c import crc32c
+
+MAGIC = b"TXJRNL\r\n"
+FORMAT_VERSION = 1
+
+#: A record's ``kind``: a command that changes the model.
+KIND_COMMAND = 1
+
+_SEGMENT_HEADER = struct.Struct("<8sHHQQ")
+_SEGMENT_CRC = struct.Struct("<I")
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size + _SEGMENT_CRC.size  # 32
+
+_PREFIX = struct.Struct("<II")  # length, crc
+PREFIX_SIZE = _PREFIX.size
+_BODY_HEAD = struct.Struct("<QqHBBB")  # seq, time_ns, version, kind, name_len, user_len
+BODY_HEAD_SIZE = _BODY_HEAD.size
+_LENGTH = struct.Struct("<I")
+
+#: Upper bound on one record's body; anything larger is damage, not data.
+MAX_RECORD_SIZE = 64 * 1024 * 1024
+
+_MASK_DELTA = 0xA282EAD8
+
+
+def mask(crc: int) -> int:
+    """
+    Mask a CRC as LevelDB does, so that a record holding CRCs of its own
+    (an embedded journal, say) does not make the outer checksum weak.
+    """
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def checksum(salt: bytes, length: int, body: bytes | memoryview) -> int:
+    return mask(crc32c(body, crc32c(salt + _LENGTH.pack(length))))
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    version: int
+    flags: int
+    salt: int
+    first_seq: int
+
+    @property
+    def salt_bytes(self) -> bytes:
+        return self.salt.to_bytes(8, "little")
+
+
+def encode_segment_header(salt: int, first_seq: int, flags: int = 0) -> bytes:
+    head = _SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, flags, salt, first_seq)
+    return head + _SEGMENT_CRC.pack(mask(crc32c(head)))
+
+
+class BadSegmentHeader(ValueError):
+    """The first bytes of a segment are not a valid header."""
+
+
+def decode_segment_header(data: bytes | memoryview) -> SegmentHeader:
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise BadSegmentHeader(
+            f"header is {len(data)} bytes long, expected {SEGMENT_HEADER_SIZE}"
+        )
+    head = bytes(data[: _SEGMENT_HEADER.size])
+    magic, version, flags, salt, first_seq = _SEGMENT_HEADER.unpack(head)
+    if magic != MAGIC:
+        raise BadSegmentHeader(f"bad magic {magic!r}, not a txjournal segment")
+    (crc,) = _SEGMENT_CRC.unpack_from(data, _SEGMENT_HEADER.size)
+    if crc != mask(crc32c(head)):
+        raise BadSegmentHeader("header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise BadSegmentHeader(
+            f"format version {version} is not supported (this code reads "
+            f"version {FORMAT_VERSION})"
+        )
+    return SegmentHeader(version, flags, salt, first_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded journal record; ``fields`` is the still-encoded payload."""
+
+    seq: int
+    time_ns: int
+    name: str
+    version: int
+    kind: int
+    user: str | None
+    fields: bytes
+
+
+def encode_record(
+    salt: bytes,
+    seq: int,
+    time_ns: int,
+    name: bytes,
+    version: int,
+    fields: bytes,
+    user: bytes = b"",
+    kind: int = KIND_COMMAND,
+) -> bytes:
+    """
+    Frame one record. ``name`` and ``user`` are UTF-8 bytes of at most 255
+    bytes each (the schema checks names when they are registered).
+    """
+    body = (
+        _BODY_HEAD.pack(seq, time_ns, version, kind, len(name), len(user))
+        + name
+        + user
+        + fields
+    )
+    length = len(body)
+    return _PREFIX.pack(length, checksum(salt, length, body)) + body
+
+
+class RecordError(ValueError):
+    """The bytes at an offset are not a valid record."""
+
+    def __init__(self, reason: str, seq: int | None = None) -> None:
+        self.reason = reason
+        self.seq = seq
+        super().__init__(reason)
+
+
+class Incomplete(RecordError):
+    """The data ends inside the record."""
+
+
+def decode_at(
+    buf: bytes | memoryview, offset: int, salt: bytes
+) -> tuple[Record, int]:
+    """
+    Decode the record at ``offset``; return it and the offset after it.
+
+    Raises :class:`Incomplete` when ``buf`` ends inside the record and
+    :class:`RecordError` when the bytes are not a valid record.
+    """
+    end = len(buf)
+    if offset + PREFIX_SIZE > end:
+        raise Incomplete(f"{end - offset} bytes left, too few for a record prefix")
+    length, crc = _PREFIX.unpack_from(buf, offset)
+    if length < BODY_HEAD_SIZE or length > MAX_RECORD_SIZE:
+        raise RecordError(f"implausible record length {length}")
+    start = offset + PREFIX_SIZE
+    stop = start + length
+    if stop > end:
+        raise Incomplete(f"record of {length} bytes but only {end - start} left")
+    body = buf[start:stop]
+    seq, time_ns, version, kind, name_len, user_len = _BODY_HEAD.unpack_from(body)
+    if checksum(salt, length, body) != crc:
+        raise RecordError("checksum mismatch", seq)
+    p = BODY_HEAD_SIZE
+    if p + name_len + user_len > length:
+        raise RecordError("name and user overrun the record", seq)
+    try:
+        name = bytes(body[p : p + name_len]).decode("utf-8")
+        p += name_len
+        user = bytes(body[p : p + user_len]).decode("utf-8") if user_len else None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"undecodable name or user: {e}", seq) from None
+    p += user_len
+    return Record(seq, time_ns, name, version, kind, user, bytes(body[p:])), stop
+
+
+def find_valid_record(
+    buf: bytes | memoryview, start: int, salt: bytes, after_seq: int
+) -> int | None:
+    """
+    Return the offset of the first valid record at or after ``start`` whose
+    sequence number is greater than ``after_seq``, or ``None``.
+
+    This tells a torn tail from corruption: after a checksum mismatch the
+    length field cannot be trusted, so "the data ends inside this record"
+    proves nothing; only the absence of any valid later record does.
+    """
+    end = len(buf)
+    unpack_prefix = _PREFIX.unpack_from
+    unpack_seq = struct.Struct("<Q").unpack_from
+    for offset in range(start, end - PREFIX_SIZE - BODY_HEAD_SIZE + 1):
+        length, crc = unpack_prefix(buf, offset)
+        if length < BODY_HEAD_SIZE or offset + PREFIX_SIZE + length > end:
+            continue
+        (seq,) = unpack_seq(buf, offset + PREFIX_SIZE)
+        if seq <= after_seq:
+            continue
+        body = buf[offset + PREFIX_SIZE : offset + PREFIX_SIZE + length]
+        if checksum(salt, length, body) == crc:
+            return offset
+    return None
+
+
+def iter_records(
+    buf: bytes | memoryview, offset: int, salt: bytes
+) -> Iterator[tuple[int, Record]]:
+    """Yield ``(offset, record)`` until the end of ``buf`` or the first error."""
+    end = len(buf)
+    while offset < end:
+        record, nxt = decode_at(buf, offset, salt)
+        yield offset, record
+        offset = nxt

@@ -1,0 +1,410 @@
+"""
+:class:`JournalService`: the journal as a Twisted service.
+
+Start-up (lock, snapshot load, replay) runs synchronously inside
+``startService`` on purpose: ``MultiService`` ignores Deferreds returned by
+its children, so only a synchronous exception makes ``twistd`` report a
+failed start, and only a synchronous replay guarantees that services added
+after this one (a PB listener) never see a half-built model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Generic, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from txjournal.engine import DEFAULT_MAX_PENDING, Engine, Runner
+from txjournal.errors import (
+    InvalidArguments,
+    NotRunning,
+    RecoveryError,
+    SnapshotError,
+    TxJournalError,
+    UnknownCommand,
+)
+from txjournal.fs import DIR_MODE, check_private_dir
+from txjournal.interfaces import IJournal, IJournalService, ISnapshotSerializer, ISnapshotStore
+from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
+from txjournal.lock import DataDirLock
+from txjournal.schema import Context, Schema
+from txjournal.snapshot.file import FileSnapshotStore
+from txjournal.snapshot.serializer import PickleSerializer
+
+M = TypeVar("M")
+
+_PROGRESS_EVERY = 5.0  # seconds between progress messages during replay
+
+
+@implementer(IJournalService)
+class JournalService(Service, Generic[M]):
+    """
+    Keeps ``schema``'s model in memory, durable through a command journal.
+
+    :param datadir: directory holding ``LOCK``, ``journal/`` and
+        ``snapshots/``; created with mode 0700.
+    :param sync: ``False`` acknowledges commands before they are on stable
+        storage. **Unsafe**: a power failure loses acknowledged commands.
+        Only for tests and benchmarks.
+    :param snapshot_interval: seconds between automatic snapshots (``None``
+        or 0 for none).
+    :param snapshot_on_stop: write a snapshot on a clean shutdown, so the
+        next start replays nothing.
+    :param keep_snapshots: how many snapshots to keep.
+    :param max_pending: how many commands may wait for the disk before
+        ``execute`` fails with :class:`~txjournal.errors.JournalOverloaded`.
+    :param journal: a journal backend to use instead of the file journal
+        under ``datadir``.
+    :param snapshots: a snapshot store to use instead of files under
+        ``datadir``.
+    :param runner: runs a blocking call off the reactor thread and returns
+        a Deferred (tests pass a synchronous one); by default a dedicated
+        one-thread pool, the single writer.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        schema: Schema[M],
+        datadir: str | None = None,
+        *,
+        sync: bool = True,
+        snapshot_interval: float | None = None,
+        snapshot_on_stop: bool = True,
+        keep_snapshots: int = 3,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        serializer: ISnapshotSerializer | None = None,
+        journal: IJournal | None = None,
+        snapshots: ISnapshotStore | None = None,
+        reactor: Any = None,
+        runner: Runner | None = None,
+    ) -> None:
+        if datadir is None and (journal is None or snapshots is None):
+            raise ValueError("give a datadir, or both a journal and a snapshot store")
+        if keep_snapshots < 1:
+            raise ValueError("keep_snapshots must be at least 1")
+        self.schema = schema
+        self.datadir = os.path.abspath(datadir) if datadir is not None else None
+        self.sync = sync
+        self.snapshot_interval = snapshot_interval
+        self.snapshot_on_stop = snapshot_on_stop
+        self.keep_snapshots = keep_snapshots
+        self.segment_size = segment_size
+        self.max_pending = max_pending
+        self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
+        self._journal_given = journal
+        self._snapshots_given = snapshots
+        self._reactor = reactor
+        self._runner_given = runner
+        self._started = False
+        self._start_failure: Failure | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self._engine: Engine[M] | None = None
+        self._journal: IJournal | None = None
+        self._store: ISnapshotStore | None = None
+        self._lock: DataDirLock | None = None
+        self._pools: list[ThreadPool] = []
+        self._snapshot_runner: Runner | None = None
+        self._snapshot_lock = DeferredLock()
+        self._snapshot_loop: LoopingCall | None = None
+        self._loop_done: Deferred[Any] | None = None
+        self.last_snapshot_seq = 0
+        #: Sequence number covered by the snapshot loaded at start-up (0: none).
+        self.loaded_snapshot_seq = 0
+        #: How many journal records start-up replayed.
+        self.replayed = 0
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _get_reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def model(self) -> M:
+        """The live model. Read it; change it only through commands."""
+        if self._engine is None:
+            raise NotRunning("the journal service has not finished starting")
+        return self._engine.model
+
+    @property
+    def engine(self) -> Engine[M]:
+        if self._engine is None:
+            raise NotRunning("the journal service has not finished starting")
+        return self._engine
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self._start_failure = failure = Failure()
+            self._release()
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.errback(failure)
+            raise
+        self._start_failure = None
+        self._started = True
+        Service.startService(self)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _start(self) -> None:
+        reactor = self._get_reactor()
+        if self.datadir is not None:
+            os.makedirs(self.datadir, mode=DIR_MODE, exist_ok=True)
+            check_private_dir(self.datadir)
+            self._lock = DataDirLock(self.datadir)
+            self._lock.acquire()
+        journal = self._journal_given or FileJournal(
+            os.path.join(self.datadir or "", "journal"),
+            segment_size=self.segment_size,
+            sync=self.sync,
+        )
+        store = self._snapshots_given or FileSnapshotStore(
+            os.path.join(self.datadir or "", "snapshots")
+        )
+        self._journal, self._store = journal, store
+        journal.open()
+        model, snap_seq = self._load_snapshot(store)
+        self.loaded_snapshot_seq = self.last_snapshot_seq = snap_seq
+        last_time_ns = self._replay(journal, model, snap_seq)
+        if journal.next_seq <= snap_seq:
+            raise RecoveryError(
+                f"the journal ends at sequence number {journal.next_seq - 1} but the "
+                f"snapshot covers {snap_seq}: journal records are missing"
+            )
+        runner = self._runner_given
+        if runner is None:
+            writer = self._start_pool("txjournal-writer")
+            snapshotter = self._start_pool("txjournal-snapshot")
+            runner = lambda f, *a: deferToThreadPool(reactor, writer, f, *a)  # noqa: E731
+            self._snapshot_runner = lambda f, *a: deferToThreadPool(reactor, snapshotter, f, *a)  # noqa: E731
+        else:
+            self._snapshot_runner = runner
+        self._engine = Engine(
+            self.schema, journal, model, runner, reactor.seconds,
+            next_seq=journal.next_seq, last_time_ns=last_time_ns,
+            max_pending=self.max_pending,
+        )
+        if self.snapshot_interval:
+            loop = LoopingCall(self._scheduled_snapshot)
+            loop.clock = reactor
+            self._snapshot_loop = loop
+            self._loop_done = loop.start(self.snapshot_interval, now=False)
+        self.log.info(
+            "Journal {schema} ready: snapshot at {snap}, {replayed} commands replayed, "
+            "next sequence number {seq}",
+            schema=self.schema.name, snap=snap_seq, replayed=self.replayed,
+            seq=journal.next_seq,
+        )
+
+    def _start_pool(self, name: str) -> ThreadPool:
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        pool.start()
+        self._pools.append(pool)
+        return pool
+
+    def _load_snapshot(self, store: ISnapshotStore) -> tuple[M, int]:
+        for seq in store.list():
+            try:
+                payload = store.load(seq)
+                model = self.serializer.loads(payload)
+            except Exception as e:
+                self.log.warn(
+                    "Skipping snapshot {seq}: {reason}; trying an older one",
+                    seq=seq, reason=f"{type(e).__name__}: {e}",
+                )
+                continue
+            self.log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
+            return model, seq  # type: ignore[return-value]
+        return self.schema.new_model(), 0
+
+    def _replay(self, journal: IJournal, model: M, snap_seq: int) -> int:
+        schema = self.schema
+        journal_id = None
+        last_time_ns = 0
+        count = 0
+        started = last_report = time.monotonic()
+        for record in journal.replay(snap_seq + 1):
+            if journal_id is None:
+                journal_id = journal.journal_id
+            last_time_ns = record.time_ns
+            count += 1
+            if schema.is_retired(record.name):
+                continue
+            try:
+                command = schema.decode(record.name, record.version, record.fields)
+            except (UnknownCommand, InvalidArguments) as e:
+                raise RecoveryError(
+                    f"cannot replay record {record.seq} (command {record.name!r} "
+                    f"version {record.version}): {e}"
+                ) from None
+            try:
+                command.execute(model, Context(record.seq, record.time_ns, journal_id, record.user))  # type: ignore[attr-defined]
+            except Exception as e:
+                # Part of history: the live run failed the same way.
+                self.log.debug(
+                    "Replayed command {seq} ({name}) raised {error!r}, as it did live",
+                    seq=record.seq, name=record.name, error=e,
+                )
+            if count % 8192 == 0:
+                now = time.monotonic()
+                if now - last_report >= _PROGRESS_EVERY:
+                    last_report = now
+                    self.log.info(
+                        "Replaying: {count} records done, at {seq}, {rate:.0f}/s",
+                        count=count, seq=record.seq, rate=count / (now - started),
+                    )
+        self.replayed = count
+        return last_time_ns
+
+    def when_ready(self) -> Deferred[None]:
+        """Fire once start-up replay has finished (errback if start-up failed)."""
+        if self._started:
+            return succeed(None)
+        if self._start_failure is not None:
+            return fail(self._start_failure)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        engine = self._engine
+        if engine is None:
+            self._release()
+            return succeed(None)
+        engine.close()
+        d: Deferred[Any] = succeed(None)
+        loop = self._snapshot_loop
+        if loop is not None:
+            if loop.running:
+                loop.stop()
+            if self._loop_done is not None:
+                d.addCallback(lambda _: self._loop_done)
+        d.addCallback(lambda _: engine.wait_idle())
+        if self.snapshot_on_stop:
+            d.addCallback(lambda _: self._snapshot_if_healthy())
+        d.addErrback(lambda f: self.log.failure("Error while stopping the journal", f))
+        d.addBoth(lambda _: self._release())
+        return d
+
+    def _snapshot_if_healthy(self) -> Deferred[Any] | None:
+        engine = self._engine
+        if engine is None or engine.failed is not None:
+            return None
+        return self._take_snapshot()
+
+    def _release(self) -> None:
+        for pool in self._pools:
+            pool.stop()
+        self._pools = []
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._engine = None
+
+    # -- commands and queries -----------------------------------------------------
+
+    def execute(self, command: Any, user: str | None = None) -> Deferred[Any]:
+        """
+        Journal, sync and apply ``command``.
+
+        The Deferred fires with the command's return value once the command
+        is durable and applied, or fails with the exception it raised (the
+        command stays in the journal: replay fails it the same way).
+        """
+        if self._engine is None or not self.running:
+            return fail(NotRunning("the journal service is not running"))
+        return self._engine.execute(command, user)
+
+    def execute_named(self, name: str, kwargs: dict[str, Any], user: str | None = None) -> Deferred[Any]:
+        """Build the command ``name`` from plain arguments and execute it."""
+        try:
+            command = self.schema.build_command(name, kwargs)
+        except TxJournalError:
+            return fail()
+        return self.execute(command, user)
+
+    def query(self, query: str | Callable[[M], Any], /, **kwargs: Any) -> Any:
+        """Run a named query with ``kwargs``, or call ``query(model)``."""
+        model = self.model
+        if callable(query):
+            return query(model, **kwargs)
+        return self.schema.bind_query(query, kwargs)(model)
+
+    # -- snapshots ----------------------------------------------------------------
+
+    def snapshot(self) -> Deferred[int]:
+        """Write a snapshot now; Deferred of the sequence number it covers."""
+        if self._engine is None or not self.running:
+            return fail(NotRunning("the journal service is not running"))
+        return self._take_snapshot()
+
+    def _scheduled_snapshot(self) -> Deferred[Any]:
+        d = self._take_snapshot()
+        # A failed snapshot must not stop the schedule; it was logged.
+        d.addErrback(lambda _: None)
+        return d
+
+    def _take_snapshot(self) -> Deferred[int]:
+        return self._snapshot_lock.run(self._write_snapshot)
+
+    def _write_snapshot(self) -> Deferred[int]:
+        engine, store = self._engine, self._store
+        if engine is None or store is None:
+            return fail(NotRunning("the journal service is not running"))
+        seq = engine.applied_seq
+        if seq == self.last_snapshot_seq:
+            return succeed(seq)
+        started = time.monotonic()
+        try:
+            payload = self.serializer.dumps(engine.model)
+        except Exception as e:
+            self.log.failure("Snapshot at {seq} failed: model cannot be serialized", seq=seq)
+            return fail(SnapshotError(f"model cannot be serialized: {e}"))
+        stall = time.monotonic() - started
+        runner = self._snapshot_runner
+        assert runner is not None
+        keep = self.keep_snapshots
+
+        def write() -> tuple[str, list[int]]:
+            path = store.save(seq, payload)
+            return path, store.prune(keep)
+
+        def saved(result: tuple[str, list[int]]) -> int:
+            path, removed = result
+            self.last_snapshot_seq = seq
+            self.log.info(
+                "Snapshot {path} written: {size} bytes covering {seq} (serializing "
+                "took {stall:.3f}s on the reactor thread; removed {removed})",
+                path=path, size=len(payload), seq=seq, stall=stall, removed=removed,
+            )
+            return seq
+
+        def failed(f: Failure) -> Failure:
+            self.log.failure("Snapshot at {seq} failed; older snapshots are still usable", f, seq=seq)
+            return Failure(SnapshotError(f"writing the snapshot at {seq} failed: {f.value}"))
+
+        return runner(write).addCallbacks(saved, failed)
+
