@@ -33,7 +33,13 @@ from txjournal.errors import (
     UnknownCommand,
 )
 from txjournal.fs import DIR_MODE, check_private_dir
-from txjournal.interfaces import IJournal, IJournalService, ISnapshotSerializer, ISnapshotStore
+from txjournal.interfaces import (
+    IFileSystem,
+    IJournal,
+    IJournalService,
+    ISnapshotSerializer,
+    ISnapshotStore,
+)
 from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
 from txjournal.lock import DataDirLock
 from txjournal.schema import Context, Schema
@@ -66,6 +72,8 @@ class JournalService(Service, Generic[M]):
         under ``datadir``.
     :param snapshots: a snapshot store to use instead of files under
         ``datadir``.
+    :param fs: the file-system seam of the file backends (tests inject
+        faults through it).
     :param runner: runs a blocking call off the reactor thread and returns
         a Deferred (tests pass a synchronous one); by default a dedicated
         one-thread pool, the single writer.
@@ -89,6 +97,7 @@ class JournalService(Service, Generic[M]):
         snapshots: ISnapshotStore | None = None,
         reactor: Any = None,
         runner: Runner | None = None,
+        fs: IFileSystem | None = None,
     ) -> None:
         if datadir is None and (journal is None or snapshots is None):
             raise ValueError("give a datadir, or both a journal and a snapshot store")
@@ -107,6 +116,7 @@ class JournalService(Service, Generic[M]):
         self._snapshots_given = snapshots
         self._reactor = reactor
         self._runner_given = runner
+        self._fs = fs
         self._started = False
         self._start_failure: Failure | None = None
         self._ready_waiters: list[Deferred[None]] = []
@@ -114,7 +124,7 @@ class JournalService(Service, Generic[M]):
         self._journal: IJournal | None = None
         self._store: ISnapshotStore | None = None
         self._lock: DataDirLock | None = None
-        self._pools: list[ThreadPool] = []
+        self._pools: list[tuple[ThreadPool, Any]] = []
         self._snapshot_runner: Runner | None = None
         self._snapshot_lock = DeferredLock()
         self._snapshot_loop: LoopingCall | None = None
@@ -177,19 +187,25 @@ class JournalService(Service, Generic[M]):
             os.path.join(self.datadir or "", "journal"),
             segment_size=self.segment_size,
             sync=self.sync,
+            fs=self._fs,
         )
         store = self._snapshots_given or FileSnapshotStore(
-            os.path.join(self.datadir or "", "snapshots")
+            os.path.join(self.datadir or "", "snapshots"), fs=self._fs
         )
         self._journal, self._store = journal, store
         journal.open()
         model, snap_seq = self._load_snapshot(store)
         self.loaded_snapshot_seq = self.last_snapshot_seq = snap_seq
         last_time_ns = self._replay(journal, model, snap_seq)
-        if journal.next_seq <= snap_seq:
+        newest = max(store.list(), default=0)
+        if journal.next_seq <= newest:
+            # A snapshot proves the model once reached ``newest``; starting
+            # from less (say, an empty model) would silently lose history.
             raise RecoveryError(
-                f"the journal ends at sequence number {journal.next_seq - 1} but the "
-                f"snapshot covers {snap_seq}: journal records are missing"
+                f"the journal ends at sequence number {journal.next_seq - 1} but snapshot "
+                f"{newest} covers more{'' if newest == snap_seq else ' and cannot be loaded'}: "
+                f"records are missing; see the warnings above and run "
+                f"'python -m txjournal verify'"
             )
         runner = self._runner_given
         if runner is None:
@@ -219,7 +235,11 @@ class JournalService(Service, Generic[M]):
     def _start_pool(self, name: str) -> ThreadPool:
         pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
         pool.start()
-        self._pools.append(pool)
+        # Pool threads are not daemonic: if the application never stops this
+        # service, the reactor's shutdown must still end them, as it does
+        # for its own pool, or the process would hang on exit.
+        trigger = self._get_reactor().addSystemEventTrigger("during", "shutdown", pool.stop)
+        self._pools.append((pool, trigger))
         return pool
 
     def _load_snapshot(self, store: ISnapshotStore) -> tuple[M, int]:
@@ -314,8 +334,9 @@ class JournalService(Service, Generic[M]):
         return self._take_snapshot()
 
     def _release(self) -> None:
-        for pool in self._pools:
+        for pool, trigger in self._pools:
             pool.stop()
+            self._get_reactor().removeSystemEventTrigger(trigger)
         self._pools = []
         if self._journal is not None:
             self._journal.close()

@@ -114,18 +114,21 @@ class FileSnapshotStore:
             pass
         fd = fs.create_exclusive(temp)
         try:
-            write_all(fs, fd, encode_header(seq, payload))
-            write_all(fs, fd, payload)
-            fs.fsync(fd)
+            try:
+                write_all(fs, fd, encode_header(seq, payload))
+                write_all(fs, fd, payload)
+                fs.fsync(fd)
+            finally:
+                fs.close(fd)
+            fs.rename(temp, final)
         except BaseException:
-            fs.close(fd)
+            # Never leave a half-written snapshot behind, even under a
+            # name that start-up ignores: it would only fill the disk.
             try:
                 fs.unlink(temp)
             except OSError:
                 pass
             raise
-        fs.close(fd)
-        fs.rename(temp, final)
         fs.fsync_dir(self.directory)
         return final
 

@@ -1,0 +1,50 @@
+"""
+Shared fixtures. The reactor is never imported at module level here:
+pytest-twisted installs it in pytest_configure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+class ManualRunner:
+    """
+    Stands in for the writer thread: each call is held until the test
+    releases it, so a test can see exactly which records form a batch.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def release(self) -> None:
+        """Run the oldest held call and deliver its outcome."""
+        f, args, d = self.calls.pop(0)
+        maybeDeferred(f, *args).chainDeferred(d)
+
+    def release_all(self) -> None:
+        while self.calls:
+            self.release()
+
+
+def sync_runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return maybeDeferred(f, *args)
+
+
+@pytest.fixture
+def manual_runner() -> ManualRunner:
+    return ManualRunner()

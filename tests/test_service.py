@@ -1,0 +1,412 @@
+"""
+JournalService and Engine on task.Clock with in-memory backends and a writer
+that the test releases by hand: fast, deterministic, no threads.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from conftest import ManualRunner, sync_runner
+from examples.bank import Bank, Deposit, InsufficientFunds, Transfer, Withdraw, bank
+from txjournal import (
+    CommandEncodeError,
+    Context,
+    InvalidArguments,
+    JournalFailed,
+    JournalOverloaded,
+    JournalService,
+    JournalWriteError,
+    NotRunning,
+    Schema,
+    UnknownCommand,
+    UnknownQuery,
+)
+from txjournal.interfaces import IJournal, IJournalService, ISnapshotStore
+from txjournal.journal.memory import MemoryJournal, MemorySnapshotStore
+
+
+def outcome(d: Deferred[Any]) -> Any:
+    """The result a Deferred has already fired with (a Failure on error)."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "Deferred has not fired"
+    return box[0]
+
+
+def make(
+    journal: MemoryJournal | None = None,
+    store: MemorySnapshotStore | None = None,
+    runner: Any = sync_runner,
+    clock: Clock | None = None,
+    schema: Schema[Any] = bank,
+    **kw: Any,
+) -> JournalService[Any]:
+    svc = JournalService(
+        schema,
+        journal=journal if journal is not None else MemoryJournal(),
+        snapshots=store if store is not None else MemorySnapshotStore(),
+        reactor=clock or Clock(),
+        runner=runner,
+        **kw,
+    )
+    svc.startService()
+    return svc
+
+
+def test_interfaces() -> None:
+    svc = make()
+    assert verifyObject(IJournalService, svc)
+    assert verifyObject(IJournal, MemoryJournal())
+    assert verifyObject(ISnapshotStore, MemorySnapshotStore())
+
+
+def test_write_ahead_and_group_commit(manual_runner: ManualRunner) -> None:
+    journal = MemoryJournal()
+    svc = make(journal, runner=manual_runner)
+    d1 = svc.execute(Deposit("alice", 10))
+    d2 = svc.execute(Deposit("alice", 5))
+    d3 = svc.execute(Deposit("bob", 1))
+    # One flush in flight holding the first command; the other two wait.
+    assert len(manual_runner.calls) == 1
+    assert manual_runner.calls[0][1][1:] == (1, 1)
+    # Nothing is applied or acknowledged before the journal append returns.
+    assert svc.query("accounts") == {}
+    assert not d1.called
+    manual_runner.release()
+    assert outcome(d1) == 10
+    assert svc.query("accounts") == {"alice": 10}
+    assert not d2.called
+    # The two that arrived during the flush form one batch.
+    assert len(manual_runner.calls) == 1
+    assert manual_runner.calls[0][1][1:] == (2, 3)
+    manual_runner.release()
+    assert (outcome(d2), outcome(d3)) == (15, 1)
+    assert journal.appends == 2
+
+
+def test_next_batch_is_written_before_previous_is_applied(manual_runner: ManualRunner) -> None:
+    applied_while: list[int] = []
+    svc = make(runner=manual_runner)
+    svc.execute(Deposit("a", 1)).addCallback(lambda _: applied_while.append(len(manual_runner.calls)))
+    manual_runner.release()
+    assert applied_while == [0]
+    d = svc.execute(Deposit("a", 1))
+    svc.execute(Deposit("a", 1))
+    manual_runner.release()
+    assert outcome(d) == 2
+
+
+def test_failed_command_errbacks_keeps_record_and_replays_same() -> None:
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, snapshot_on_stop=False)
+    assert outcome(svc.execute(Deposit("alice", 10))) == 10
+    f = outcome(svc.execute(Withdraw("alice", 50)))
+    assert isinstance(f, Failure) and f.check(InsufficientFunds)
+    assert svc.query("balance", account="alice") == 10
+    # The service keeps serving after a failed command.
+    assert outcome(svc.execute(Withdraw("alice", 3))) == 7
+    assert journal.next_seq == 4
+    outcome(svc.stopService())
+    again = make(journal, store)
+    assert again.replayed == 3
+    assert again.query("accounts") == {"alice": 7}
+
+
+def test_unencodable_command_writes_nothing_and_consumes_no_seq() -> None:
+    schema: Schema[dict[str, Any]] = Schema("t", model=dict)
+
+    @schema.command("put")
+    @dataclass
+    class Put:
+        key: str
+        value: Any
+
+        def execute(self, model: dict[str, Any], ctx: Context) -> int:
+            model[self.key] = self.value
+            return ctx.seq
+
+    journal = MemoryJournal()
+    svc = make(journal, schema=schema)
+    f = outcome(svc.execute(Put("k", object())))
+    assert f.check(CommandEncodeError)
+    assert "put" in str(f.value)
+    assert journal.appends == 0
+    assert outcome(svc.execute(Put("k", [1, 2]))) == 1
+
+
+def test_unregistered_command_is_rejected() -> None:
+    @dataclass
+    class Stray:
+        def execute(self, model: Any, ctx: Context) -> None: ...
+
+    journal = MemoryJournal()
+    svc = make(journal)
+    f = outcome(svc.execute(Stray()))
+    assert f.check(UnknownCommand)
+    assert "Stray" in str(f.value)
+    assert journal.appends == 0
+
+
+def test_live_command_is_the_decoded_copy() -> None:
+    schema: Schema[list[Any]] = Schema("t", model=list)
+
+    @schema.command("extend")
+    @dataclass
+    class Extend:
+        items: list[int] = field(default_factory=list)
+
+        def execute(self, model: list[Any], ctx: Context) -> None:
+            model.append(self.items)
+
+    runner = ManualRunner()
+    journal = MemoryJournal()
+    svc = make(journal, runner=runner, schema=schema)
+    cmd = Extend([1, 2])
+    svc.execute(cmd)
+    cmd.items.append(99)  # the caller mutates its object after execute()
+    runner.release()
+    assert svc.model == [[1, 2]]
+    replayed = make(journal, schema=schema)
+    assert replayed.model == svc.model
+
+
+def test_write_failure_fail_stops(manual_runner: ManualRunner) -> None:
+    journal = MemoryJournal()
+    svc = make(journal, runner=manual_runner)
+    assert not svc.execute(Deposit("alice", 10)).called
+    manual_runner.release()
+    journal.fail_next = OSError(errno.EIO, "Input/output error")
+    d1 = svc.execute(Deposit("alice", 1))
+    d2 = svc.execute(Deposit("alice", 2))  # waits behind the failing batch
+    manual_runner.release()
+    f1, f2 = outcome(d1), outcome(d2)
+    assert f1.check(JournalWriteError) and "Input/output error" in str(f1.value)
+    assert "restart" in str(f1.value)
+    assert f2.check(JournalFailed)
+    assert svc.query("balance", account="alice") == 10
+    f3 = outcome(svc.execute(Deposit("alice", 1)))
+    assert f3.check(JournalFailed)
+    assert manual_runner.calls == []
+    # A restart recovers exactly what reached the journal.
+    outcome(svc.stopService())
+    assert make(journal).query("accounts") == {"alice": 10}
+
+
+def test_full_disk_is_named(manual_runner: ManualRunner) -> None:
+    journal = MemoryJournal()
+    svc = make(journal, runner=manual_runner)
+    journal.fail_next = OSError(errno.ENOSPC, "No space left on device")
+    d = svc.execute(Deposit("a", 1))
+    manual_runner.release()
+    assert "disk is full" in str(outcome(d).value)
+
+
+def test_backpressure(manual_runner: ManualRunner) -> None:
+    svc = make(runner=manual_runner, max_pending=2)
+    d1, d2 = svc.execute(Deposit("a", 1)), svc.execute(Deposit("a", 1))
+    f = outcome(svc.execute(Deposit("a", 1)))
+    assert f.check(JournalOverloaded)
+    manual_runner.release_all()
+    assert (outcome(d1), outcome(d2)) == (1, 2)
+    d3 = svc.execute(Deposit("a", 1))
+    manual_runner.release()
+    assert outcome(d3) == 3
+
+
+clock_schema: Schema[list[Any]] = Schema("ctx", model=list)
+
+
+@clock_schema.command("draw")
+@dataclass
+class Draw:
+    def execute(self, model: list[Any], ctx: Context) -> tuple[int, float, float]:
+        entry = (ctx.seq, ctx.time, ctx.random.random())
+        model.append(entry)
+        return entry
+
+
+def test_context_is_logged_and_replayed_identically() -> None:
+    clock = Clock()
+    clock.advance(1000.5)
+    journal = MemoryJournal()
+    svc = make(journal, clock=clock, schema=clock_schema)
+    first = outcome(svc.execute(Draw()))
+    clock.advance(2)
+    second = outcome(svc.execute(Draw()))
+    assert first[:2] == (1, 1000.5) and second[:2] == (2, 1002.5)
+    assert first[2] != second[2]
+    # Replay at a different time sees the logged time and the same draws.
+    later = Clock()
+    later.advance(99999)
+    replayed = make(journal, clock=later, schema=clock_schema)
+    assert replayed.model == svc.model
+
+
+def test_logged_time_never_goes_backwards() -> None:
+    clock = Clock()
+    clock.advance(500)
+    svc = make(clock=clock, schema=clock_schema)
+    outcome(svc.execute(Draw()))
+    clock.rightNow = 100.0  # the wall clock steps back
+    assert outcome(svc.execute(Draw()))[1] == 500.0
+
+
+def test_snapshot_then_restart_replays_only_later_commands() -> None:
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, snapshot_on_stop=False)
+    for _ in range(5):
+        svc.execute(Deposit("a", 1))
+    assert outcome(svc.snapshot()) == 5
+    svc.execute(Deposit("a", 1))
+    outcome(svc.stopService())
+    again = make(journal, store)
+    assert again.loaded_snapshot_seq == 5
+    assert again.replayed == 1
+    assert again.query("balance", account="a") == 6
+
+
+def test_snapshot_schedule_and_on_stop_and_keep() -> None:
+    clock = Clock()
+    store = MemorySnapshotStore()
+    svc = make(store=store, clock=clock, snapshot_interval=10, keep_snapshots=2)
+    svc.execute(Deposit("a", 1))
+    clock.advance(10)
+    assert store.list() == [1]
+    clock.advance(10)  # nothing new: no new snapshot
+    assert store.list() == [1]
+    svc.execute(Deposit("a", 1))
+    clock.advance(10)
+    svc.execute(Deposit("a", 1))
+    clock.advance(10)
+    assert store.list() == [3, 2]
+    svc.execute(Deposit("a", 1))
+    outcome(svc.stopService())
+    assert store.list() == [4, 3]
+
+
+def test_no_snapshot_on_stop_when_disabled() -> None:
+    store = MemorySnapshotStore()
+    svc = make(store=store, snapshot_on_stop=False)
+    svc.execute(Deposit("a", 1))
+    outcome(svc.stopService())
+    assert store.list() == []
+
+
+def test_bad_snapshot_falls_back_to_older_one() -> None:
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, snapshot_on_stop=False)
+    svc.execute(Deposit("a", 1))
+    outcome(svc.snapshot())
+    svc.execute(Deposit("a", 2))
+    outcome(svc.snapshot())
+    svc.execute(Deposit("a", 4))
+    outcome(svc.stopService())
+    store.snapshots[2] = b"garbage, not a pickle"
+    again = make(journal, store)
+    assert again.loaded_snapshot_seq == 1
+    assert again.replayed == 2
+    assert again.query("balance", account="a") == 7
+    outcome(again.stopService())
+    store.snapshots = {1: b"\x80\x05garbage", 3: b""}
+    third = make(journal, store)
+    assert third.loaded_snapshot_seq == 0
+    assert third.query("balance", account="a") == 7
+
+
+def test_stop_waits_for_flush_in_flight(manual_runner: ManualRunner) -> None:
+    svc = make(runner=manual_runner, snapshot_on_stop=False)
+    d = svc.execute(Deposit("a", 1))
+    stopped: list[object] = []
+    svc.stopService().addBoth(stopped.append)
+    assert stopped == []
+    assert outcome(svc.execute(Deposit("a", 1))).check(NotRunning)
+    manual_runner.release()
+    assert outcome(d) == 1
+    assert stopped == [None]
+
+
+def test_when_ready() -> None:
+    svc = JournalService(
+        bank, journal=MemoryJournal(), snapshots=MemorySnapshotStore(),
+        reactor=Clock(), runner=sync_runner,
+    )
+    ready = svc.when_ready()
+    assert not ready.called
+    assert outcome(svc.execute(Deposit("a", 1))).check(NotRunning)
+    svc.startService()
+    assert outcome(ready) is None
+    assert outcome(svc.when_ready()) is None
+
+
+def test_when_ready_errbacks_on_failed_start() -> None:
+    journal = MemoryJournal()
+    journal.data.append(b"\x00" * 40)  # damage followed by nothing: not a record at all
+    journal.data.append(b"garbage")
+    svc = JournalService(
+        bank, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(), runner=sync_runner
+    )
+    ready = svc.when_ready()
+    with pytest.raises(Exception):
+        svc.startService()
+    assert isinstance(outcome(ready), Failure)
+    assert isinstance(outcome(svc.when_ready()), Failure)
+    assert not svc.running
+
+
+def test_queries() -> None:
+    svc = make()
+    svc.execute(Deposit("a", 3))
+    assert svc.query("balance", account="a") == 3
+    assert svc.query(lambda m: sorted(m.accounts)) == ["a"]
+    assert svc.query("total") == 3
+    with pytest.raises(UnknownQuery, match="nope"):
+        svc.query("nope")
+    with pytest.raises(InvalidArguments, match="missing"):
+        svc.query("balance")
+    with pytest.raises(InvalidArguments, match="no argument 'acct'"):
+        svc.query("balance", acct="a")
+    with pytest.raises(InvalidArguments, match="expected str"):
+        svc.query("balance", account=3)
+
+
+def test_execute_named_validates() -> None:
+    svc = make()
+    assert outcome(svc.execute_named("deposit", {"account": "a", "amount": 2})) == 2
+    cases = [
+        ("nope", {}, UnknownCommand, "no command named 'nope'"),
+        ("deposit", {"account": "a"}, InvalidArguments, "missing argument"),
+        ("deposit", {"account": "a", "amount": 1, "x": 1}, InvalidArguments, "no argument 'x'"),
+        ("deposit", {"account": "a", "amount": "ten"}, InvalidArguments, "expected int"),
+        ("deposit", {"account": "a", "amount": True}, InvalidArguments, "expected int"),
+        ("transfer", {"source": ["a"], "target": "b", "amount": 1}, InvalidArguments, "expected str"),
+    ]
+    for name, kwargs, exc, message in cases:
+        f = outcome(svc.execute_named(name, kwargs))
+        assert f.check(exc), (name, kwargs, f)
+        assert message in str(f.value)
+    assert svc.query("accounts") == {"a": 2}
+
+
+def test_transfer_conserves_and_refuses_overdraft() -> None:
+    svc = make()
+    svc.execute(Deposit("a", 10))
+    svc.execute(Deposit("b", 0 + 1))
+    assert outcome(svc.execute(Transfer("a", "b", 4))) == {"a": 6, "b": 5}
+    assert outcome(svc.execute(Transfer("a", "b", 7))).check(InsufficientFunds)
+    assert svc.query("total") == 11
+
+
+def test_model_factory_is_used_fresh() -> None:
+    a, b = make(), make()
+    a.execute(Deposit("x", 1))
+    assert b.query("accounts") == {}
+    assert isinstance(a.model, Bank)
