@@ -10,17 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from conftest import ManualRunner, sync_runner
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from conftest import ManualRunner, sync_runner
 from examples.bank import Bank, Deposit, InsufficientFunds, Transfer, Withdraw, bank
 from txjournal import (
     CommandEncodeError,
     Context,
     InvalidArguments,
+    JournalCorrupt,
     JournalFailed,
     JournalOverloaded,
     JournalService,
@@ -355,7 +356,7 @@ def test_when_ready_errbacks_on_failed_start() -> None:
         bank, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(), runner=sync_runner
     )
     ready = svc.when_ready()
-    with pytest.raises(Exception):
+    with pytest.raises(JournalCorrupt):
         svc.startService()
     assert isinstance(outcome(ready), Failure)
     assert isinstance(outcome(svc.when_ready()), Failure)

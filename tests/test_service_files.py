@@ -110,7 +110,7 @@ async def test_files_are_private_and_writes_leave_the_reactor_thread(tmp_path: A
     await svc.snapshot()
     await svc.stopService()
     assert fs.threads and threading.current_thread().name not in fs.threads
-    for root, dirs, files in os.walk(datadir):
+    for root, _dirs, files in os.walk(datadir):
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
         for name in files:
             mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)

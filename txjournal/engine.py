@@ -12,7 +12,8 @@ previous one is applied, so the disk and the model work in parallel.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
@@ -228,7 +229,7 @@ class Engine(Generic[M]):
     def _flush_failed(self, failure: Failure, batch: list[_Pending]) -> None:
         self._flushing = False
         self._in_flight = 0
-        cause = failure.value
+        cause: BaseException = failure.value  # type: ignore[assignment]
         err = JournalWriteError(
             f"writing the journal failed ({describe_os_error(cause)}); the outcome of "
             f"commands {batch[0].seq}..{batch[-1].seq} is unknown and they were not "

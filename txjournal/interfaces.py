@@ -7,8 +7,10 @@ Backends (file, in-memory, later SQL) implement :class:`IJournal` and
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
+import builtins
+
 from twisted.application.service import IService
+from zope.interface import Attribute, Interface
 
 
 class IFileSystem(Interface):
@@ -94,7 +96,7 @@ class IJournal(Interface):
 class ISnapshotStore(Interface):
     """Durable, atomic storage of serialized models by the sequence they cover."""
 
-    def list() -> list[int]:
+    def list() -> builtins.list[int]:
         """Sequence numbers of stored snapshots, newest first."""
 
     def load(seq: int) -> bytes:
@@ -103,7 +105,7 @@ class ISnapshotStore(Interface):
     def save(seq: int, payload: bytes) -> str:
         """Store a payload atomically and durably; return where it went."""
 
-    def prune(keep: int) -> list[int]:
+    def prune(keep: int) -> builtins.list[int]:
         """Remove all but the newest ``keep`` snapshots; return those removed."""
 
 
@@ -123,7 +125,7 @@ class IJournalService(IService):
     def execute(command: object):  # type: ignore[no-untyped-def]
         """Journal, sync and apply a command; Deferred of its result."""
 
-    def query(query: object, **kwargs: object) -> object:
+    def query(query: object, /, **kwargs: object) -> object:
         """Run a named query (or a function of the model) and return its value."""
 
     def snapshot():  # type: ignore[no-untyped-def]

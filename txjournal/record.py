@@ -19,8 +19,8 @@ under it means a stale record can never pass for a later one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from crc32c import crc32c
 

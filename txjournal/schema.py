@@ -15,7 +15,8 @@ import inspect
 import random
 import types
 import typing
-from typing import Any, Callable, Generic, Mapping, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
@@ -425,12 +426,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     elif tp in (str, bool, bytes):
         if type(value) is tp:
             return value
-    elif origin in (list, typing.List) or tp is list:
+    elif origin in (list, list) or tp is list:
         if isinstance(value, (list, tuple)):
             args = typing.get_args(tp)
             item = args[0] if args else Any
             return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin in (dict, typing.Dict) or tp is dict:
+    elif origin in (dict, dict) or tp is dict:
         if isinstance(value, dict):
             args = typing.get_args(tp)
             kt, vt = args if len(args) == 2 else (Any, Any)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
@@ -212,7 +212,7 @@ class JournalService(Service, Generic[M]):
             writer = self._start_pool("txjournal-writer")
             snapshotter = self._start_pool("txjournal-snapshot")
             runner = lambda f, *a: deferToThreadPool(reactor, writer, f, *a)  # noqa: E731
-            self._snapshot_runner = lambda f, *a: deferToThreadPool(reactor, snapshotter, f, *a)  # noqa: E731
+            self._snapshot_runner = lambda f, *a: deferToThreadPool(reactor, snapshotter, f, *a)
         else:
             self._snapshot_runner = runner
         self._engine = Engine(
@@ -367,11 +367,13 @@ class JournalService(Service, Generic[M]):
             return fail()
         return self.execute(command, user)
 
-    def query(self, query: str | Callable[[M], Any], /, **kwargs: Any) -> Any:
+    def query(self, query: object, /, **kwargs: Any) -> Any:
         """Run a named query with ``kwargs``, or call ``query(model)``."""
         model = self.model
         if callable(query):
             return query(model, **kwargs)
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a registered name or a callable, not {query!r}")
         return self.schema.bind_query(query, kwargs)(model)
 
     # -- snapshots ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Iterator
+from collections.abc import Iterator
 
 from twisted.logger import Logger
 from zope.interface import implementer

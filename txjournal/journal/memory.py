@@ -6,8 +6,9 @@ process, so never use them for data you want to keep.
 
 from __future__ import annotations
 
+import builtins
 import secrets
-from typing import Iterator
+from collections.abc import Iterator
 
 from zope.interface import implementer
 
@@ -38,7 +39,14 @@ class MemoryJournal:
     def replay(self, from_seq: int = 1) -> Iterator[rec.Record]:
         blob = b"".join(self.data)
         expected = 1
-        for offset, record in rec.iter_records(blob, 0, self.salt):
+        records = rec.iter_records(blob, 0, self.salt)
+        while True:
+            try:
+                offset, record = next(records)
+            except StopIteration:
+                break
+            except rec.RecordError as e:
+                raise JournalCorrupt("<memory>", 0, e.seq, e.reason) from None
             if record.seq != expected:
                 raise JournalCorrupt("<memory>", offset, record.seq, f"expected {expected}")
             expected += 1
@@ -65,7 +73,7 @@ class MemorySnapshotStore:
     def __init__(self) -> None:
         self.snapshots: dict[int, bytes] = {}
 
-    def list(self) -> list[int]:
+    def list(self) -> builtins.list[int]:
         return sorted(self.snapshots, reverse=True)
 
     def load(self, seq: int) -> bytes:
@@ -78,7 +86,7 @@ class MemorySnapshotStore:
         self.snapshots[seq] = payload
         return f"<memory:{seq}>"
 
-    def prune(self, keep: int) -> list[int]:
+    def prune(self, keep: int) -> builtins.list[int]:
         removed = self.list()[keep:]
         for seq in removed:
             del self.snapshots[seq]

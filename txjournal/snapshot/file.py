@@ -13,6 +13,7 @@ fsynced, so a crash leaves either the old set of snapshots or the new one.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import re
@@ -92,7 +93,7 @@ class FileSnapshotStore:
     def path(self, seq: int) -> str:
         return os.path.join(self.directory, snapshot_name(seq))
 
-    def list(self) -> list[int]:
+    def list(self) -> builtins.list[int]:
         seqs = [int(m.group(1)) for m in map(_NAME_RE.match, self._names()) if m]
         return sorted(seqs, reverse=True)
 
@@ -132,7 +133,7 @@ class FileSnapshotStore:
         fs.fsync_dir(self.directory)
         return final
 
-    def prune(self, keep: int) -> list[int]:
+    def prune(self, keep: int) -> builtins.list[int]:
         if keep < 1:
             raise ValueError("keep at least one snapshot")
         removed = self.list()[keep:]
