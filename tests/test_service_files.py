@@ -326,3 +326,34 @@ async def test_many_concurrent_callers_share_syncs(tmp_path: Any) -> None:
     assert sorted(results) == list(range(1, 2001))
     assert svc.engine.batches < 2000
     await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_segments_roll_over_and_prune_only_when_asked(tmp_path: Any) -> None:
+    datadir = str(tmp_path / "bank")
+    journal_dir = os.path.join(datadir, "journal")
+    svc = start(datadir, segment_size=300, snapshot_on_stop=False)
+    for _ in range(40):
+        await svc.execute(Deposit("a", 1))
+    await svc.snapshot()
+    segments = sorted(os.listdir(journal_dir))
+    assert len(segments) > 5  # kept by default: full history
+    await svc.stopService()
+    again = start(datadir, segment_size=300, prune_segments=True, keep_snapshots=1, snapshot_on_stop=False)
+    for _ in range(10):
+        await again.execute(Deposit("a", 1))
+    assert await again.snapshot() == 50
+    remaining = sorted(os.listdir(journal_dir))
+    assert len(remaining) < len(segments)
+    first_kept = int(remaining[0].split(".")[0])
+    assert first_kept <= 51
+    await again.execute(Deposit("a", 1))
+    await again.stopService()
+    third = start(datadir, segment_size=300)
+    assert third.query("balance", account="a") == 51
+    await third.stopService()
+    # Without its snapshot the pruned journal cannot rebuild the model: refuse, naming the gap.
+    for name in os.listdir(os.path.join(datadir, "snapshots")):
+        os.unlink(os.path.join(datadir, "snapshots", name))
+    with pytest.raises(JournalCorrupt, match="missing"):
+        start(datadir)

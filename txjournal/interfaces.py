@@ -89,6 +89,12 @@ class IJournal(Interface):
         which the journal accepts nothing more.
         """
 
+    def prune(upto_seq: int) -> list[str]:
+        """
+        Drop storage that holds only records ``<= upto_seq`` (whatever the
+        backend can drop without losing later records); return what went.
+        """
+
     def close() -> None:
         """Release files."""
 

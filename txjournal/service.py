@@ -66,6 +66,9 @@ class JournalService(Service, Generic[M]):
     :param snapshot_on_stop: write a snapshot on a clean shutdown, so the
         next start replays nothing.
     :param keep_snapshots: how many snapshots to keep.
+    :param prune_segments: after each snapshot, delete journal segments
+        wholly covered by the oldest kept snapshot. Off by default: the full
+        history lets new code rebuild its model from scratch.
     :param max_pending: how many commands may wait for the disk before
         ``execute`` fails with :class:`~txjournal.errors.JournalOverloaded`.
     :param journal: a journal backend to use instead of the file journal
@@ -90,6 +93,7 @@ class JournalService(Service, Generic[M]):
         snapshot_interval: float | None = None,
         snapshot_on_stop: bool = True,
         keep_snapshots: int = 3,
+        prune_segments: bool = False,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
         serializer: ISnapshotSerializer | None = None,
@@ -109,6 +113,7 @@ class JournalService(Service, Generic[M]):
         self.snapshot_interval = snapshot_interval
         self.snapshot_on_stop = snapshot_on_stop
         self.keep_snapshots = keep_snapshots
+        self.prune_segments = prune_segments
         self.segment_size = segment_size
         self.max_pending = max_pending
         self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
@@ -126,6 +131,7 @@ class JournalService(Service, Generic[M]):
         self._lock: DataDirLock | None = None
         self._pools: list[tuple[ThreadPool, Any]] = []
         self._snapshot_runner: Runner | None = None
+        self._writer_runner: Runner | None = None
         self._snapshot_lock = DeferredLock()
         self._snapshot_loop: LoopingCall | None = None
         self._loop_done: Deferred[Any] | None = None
@@ -215,6 +221,7 @@ class JournalService(Service, Generic[M]):
             self._snapshot_runner = lambda f, *a: deferToThreadPool(reactor, snapshotter, f, *a)
         else:
             self._snapshot_runner = runner
+        self._writer_runner = runner
         self._engine = Engine(
             self.schema, journal, model, runner, reactor.seconds,
             next_seq=journal.next_seq, last_time_ns=last_time_ns,
@@ -384,6 +391,22 @@ class JournalService(Service, Generic[M]):
             return fail(NotRunning("the journal service is not running"))
         return self._take_snapshot()
 
+    def _prune_journal(self, store: ISnapshotStore) -> Deferred[None]:
+        journal, runner = self._journal, self._writer_runner
+        kept = store.list()
+        if journal is None or runner is None or not kept:
+            return succeed(None)
+
+        def pruned(paths: list[str]) -> None:
+            if paths:
+                self.log.info("Pruned journal segments covered by snapshot {seq}: {paths}", seq=kept[-1], paths=paths)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("Pruning journal segments failed (nothing is lost)", f)
+
+        # On the writer thread: segments are the writer's to change.
+        return runner(journal.prune, kept[-1]).addCallbacks(pruned, failed)
+
     def _scheduled_snapshot(self) -> Deferred[Any]:
         d = self._take_snapshot()
         # A failed snapshot must not stop the schedule; it was logged.
@@ -415,7 +438,7 @@ class JournalService(Service, Generic[M]):
             path = store.save(seq, payload)
             return path, store.prune(keep)
 
-        def saved(result: tuple[str, list[int]]) -> int:
+        def saved(result: tuple[str, list[int]]) -> int | Deferred[int]:
             path, removed = result
             self.last_snapshot_seq = seq
             self.log.info(
@@ -423,6 +446,8 @@ class JournalService(Service, Generic[M]):
                 "took {stall:.3f}s on the reactor thread; removed {removed})",
                 path=path, size=len(payload), seq=seq, stall=stall, removed=removed,
             )
+            if self.prune_segments:
+                return self._prune_journal(store).addCallback(lambda _: seq)
             return seq
 
         def failed(f: Failure) -> Failure:

@@ -244,6 +244,23 @@ class FileJournal:
         self._size = rec.SEGMENT_HEADER_SIZE
         self._fd = fs.open_append(final)
 
+    def prune(self, upto_seq: int) -> list[str]:
+        """
+        Remove segments holding only records ``<= upto_seq`` (never the
+        newest segment). Run it on the writer thread: it shares
+        :attr:`segments` with :meth:`append`.
+        """
+        if self.readonly:
+            raise ValueError("journal was opened read-only")
+        removed = []
+        while len(self.segments) > 1 and self.segments[1][0] - 1 <= upto_seq:
+            _first, path = self.segments.pop(0)
+            self._fs.unlink(path)
+            removed.append(path)
+        if removed:
+            self._fs.fsync_dir(self.directory)
+        return removed
+
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

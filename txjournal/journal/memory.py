@@ -64,6 +64,10 @@ class MemoryJournal:
         self.appends += 1
         self.next_seq = last_seq + 1
 
+    def prune(self, upto_seq: int) -> list[str]:
+        # Kept whole: replay() of the memory journal always starts at 1.
+        return []
+
     def close(self) -> None:
         self.closed = True
 
