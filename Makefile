@@ -20,7 +20,9 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 venv: $(BIN)/.installed
 
 run: venv
-	$(BIN)/python -m txjournal adduser --users $(USERS) --if-missing admin rw
+	mkdir -p -m 700 var
+	test -s var/admin.password || (umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > var/admin.password)
+	$(BIN)/python -m txjournal adduser --users $(USERS) --if-missing --password-file var/admin.password admin rw
 	$(BIN)/twistd -n journal --app examples.bank:bank --datadir $(DATADIR) --users $(USERS) --pb $(PB) --snapshot-interval 300
 
 test: venv
