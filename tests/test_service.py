@@ -196,6 +196,7 @@ def test_write_failure_fail_stops(manual_runner: ManualRunner) -> None:
     assert svc.query("balance", account="alice") == 10
     f3 = outcome(svc.execute(Deposit("alice", 1)))
     assert f3.check(JournalFailed)
+    assert svc.engine.pending == 0
     assert manual_runner.calls == []
     # A restart recovers exactly what reached the journal.
     outcome(svc.stopService())
@@ -216,7 +217,9 @@ def test_backpressure(manual_runner: ManualRunner) -> None:
     d1, d2 = svc.execute(Deposit("a", 1)), svc.execute(Deposit("a", 1))
     f = outcome(svc.execute(Deposit("a", 1)))
     assert f.check(JournalOverloaded)
+    assert svc.engine.pending == 2
     manual_runner.release_all()
+    assert svc.engine.pending == 0
     assert (outcome(d1), outcome(d2)) == (1, 2)
     d3 = svc.execute(Deposit("a", 1))
     manual_runner.release()

@@ -87,7 +87,7 @@ class Engine(Generic[M]):
         self._last_time_ns = last_time_ns
         self._max_pending = max_pending
         self._batch: list[_Pending] = []
-        self._in_flight = 0
+        self._pending = 0  # accepted, not yet applied or failed
         self._flushing = False
         self._durable: deque[list[_Pending]] = deque()
         self._applying = False
@@ -108,7 +108,7 @@ class Engine(Generic[M]):
     @property
     def pending(self) -> int:
         """Commands accepted but not yet applied."""
-        return len(self._batch) + self._in_flight + sum(map(len, self._durable))
+        return self._pending
 
     @property
     def last_seq(self) -> int:
@@ -148,9 +148,9 @@ class Engine(Generic[M]):
             ))
         if self._closed:
             return fail(NotRunning("the journal service is stopping"))
-        if self.pending >= self._max_pending:
+        if self._pending >= self._max_pending:
             return fail(JournalOverloaded(
-                f"{self.pending} commands are waiting for the disk "
+                f"{self._pending} commands are waiting for the disk "
                 f"(max_pending={self._max_pending}); try again later"
             ))
         schema = self.schema
@@ -180,6 +180,7 @@ class Engine(Generic[M]):
         )
         pending = _Pending(live, seq, time_ns, user, data)
         self._batch.append(pending)
+        self._pending += 1
         if not self._flushing:
             self._flush()
         return pending.deferred
@@ -187,7 +188,6 @@ class Engine(Generic[M]):
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
         self._flushing = True
-        self._in_flight = len(batch)
         data = b"".join([p.data for p in batch])
         d = self._run(self._journal.append, data, batch[0].seq, batch[-1].seq)
         d.addCallbacks(
@@ -196,7 +196,6 @@ class Engine(Generic[M]):
 
     def _flushed(self, _: object, batch: list[_Pending]) -> None:
         self._flushing = False
-        self._in_flight = 0
         self.batches += 1
         self.records += len(batch)
         self._durable.append(batch)
@@ -212,7 +211,9 @@ class Engine(Generic[M]):
         journal_id = self._journal_id
         try:
             while self._durable:
-                for p in self._durable.popleft():
+                batch = self._durable.popleft()
+                self._pending -= len(batch)
+                for p in batch:
                     ctx = Context(p.seq, p.time_ns, journal_id, p.user)
                     try:
                         result = p.command.execute(model, ctx)
@@ -228,7 +229,6 @@ class Engine(Generic[M]):
 
     def _flush_failed(self, failure: Failure, batch: list[_Pending]) -> None:
         self._flushing = False
-        self._in_flight = 0
         cause: BaseException = failure.value  # type: ignore[assignment]
         err = JournalWriteError(
             f"writing the journal failed ({describe_os_error(cause)}); the outcome of "
@@ -244,6 +244,7 @@ class Engine(Generic[M]):
             cause=describe_os_error(cause),
         )
         waiting, self._batch = self._batch, []
+        self._pending -= len(batch) + len(waiting)
         for p in batch:
             p.deferred.errback(err)
         refused = JournalFailed(f"not written: {err}")
