@@ -21,8 +21,8 @@ venv: $(BIN)/.installed
 
 run: venv
 	mkdir -p -m 700 var
-	test -s var/admin.password || (umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > var/admin.password)
-	$(BIN)/python -m txjournal adduser --users $(USERS) --if-missing --password-file var/admin.password admin rw
+	# First run only: a generated password for admin, kept private in var/.
+	test -e $(USERS) || { (umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > var/admin.password) && $(BIN)/python -m txjournal adduser --users $(USERS) --password-file var/admin.password admin rw; }
 	$(BIN)/twistd -n journal --app examples.bank:bank --datadir $(DATADIR) --users $(USERS) --pb $(PB) --snapshot-interval 300
 
 test: venv

@@ -7,6 +7,7 @@ JournalService on a temporary directory, the factory from
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from examples.bank import bank
 from txjournal import Context, JournalService, Schema
+from txjournal.journal.file import FileJournal
 from txjournal.pb import (
     BasicTypesOnly,
     JournalAvatar,
@@ -250,7 +252,18 @@ async def test_rw_executes_and_queries(harness: Harness) -> None:
     assert await avatar.callRemote("query", "balance", {"account": "alice"}) == 6
     assert await avatar.callRemote("query", "accounts") == {"alice": 6, "bob": 4}
     # The journal records who executed each command.
-    assert harness.service.engine.last_seq == 3
+    datadir = harness.service.datadir
+    assert datadir is not None
+    await harness.service.stopService()
+    journal = FileJournal(os.path.join(datadir, "journal"), readonly=True)
+    journal.open()
+    try:
+        records = list(journal.replay(1))
+    finally:
+        journal.close()
+    assert [(r.seq, r.name, r.user) for r in records] == [
+        (1, "deposit", "alice"), (2, "open", "alice"), (3, "transfer", "alice"),
+    ]
 
 
 @pytest_twisted.ensureDeferred

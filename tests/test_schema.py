@@ -126,3 +126,17 @@ def test_describe() -> None:
     assert d["commands"]["put"]["fields"]["key"] == "str"
     assert d["commands"]["put"]["version"] == 2
     assert d["queries"]["get"]["arguments"] == {"key": "str", "default": "int"}
+
+
+def test_cyclic_or_deep_arguments_are_refused() -> None:
+    schema = make_schema()
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(InvalidArguments, match="nested deeper"):
+        schema.build_command("put", {"key": "a", "value": cyclic})
+
+    @schema.query("anything")
+    def anything(model: Any, **kwargs: Any) -> None: ...
+
+    with pytest.raises(InvalidArguments, match="nested deeper"):
+        schema.bind_query("anything", {"x": cyclic})

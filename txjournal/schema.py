@@ -397,20 +397,25 @@ def _hints(obj: Any) -> dict[str, Any]:
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
+#: Deeper arguments are refused (which also stops cyclic ones).
+MAX_DEPTH = 64
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
+
+def _check_type(value: Any, tp: Any, where: str, depth: int = 0) -> Any:
     """
     Check a plain value against a (simple) annotation and return it, with an
     int widened to float where a float is wanted. Annotations this does not
     understand accept any plain value.
     """
+    if depth > MAX_DEPTH:
+        raise InvalidArguments(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if tp is Any or tp is object:
-        return _check_plain(value, where)
+        return _check_plain(value, where, depth)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _check_type(value, option, where)
+                return _check_type(value, option, where, depth)
             except InvalidArguments:
                 continue
         raise InvalidArguments(f"{where}: {value!r} is not {_tpname(tp)}")
@@ -430,27 +435,34 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             args = typing.get_args(tp)
             item = args[0] if args else Any
-            return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+            return [_check_type(v, item, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     elif origin in (dict, dict) or tp is dict:
         if isinstance(value, dict):
             args = typing.get_args(tp)
             kt, vt = args if len(args) == 2 else (Any, Any)
             return {
-                _check_type(k, kt, f"{where} key"): _check_type(v, vt, f"{where}[{k!r}]")
+                _check_type(k, kt, f"{where} key", depth + 1): _check_type(
+                    v, vt, f"{where}[{k!r}]", depth + 1
+                )
                 for k, v in value.items()
             }
     else:
-        return _check_plain(value, where)
+        return _check_plain(value, where, depth)
     raise InvalidArguments(f"{where}: expected {_tpname(tp)}, got {type(value).__name__} {value!r}")
 
 
-def _check_plain(value: Any, where: str) -> Any:
+def _check_plain(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, _PLAIN):
         return value
+    if depth > MAX_DEPTH:
+        raise InvalidArguments(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, (list, tuple)):
-        return [_check_plain(v, where) for v in value]
+        return [_check_plain(v, where, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {_check_plain(k, where): _check_plain(v, where) for k, v in value.items()}
+        return {
+            _check_plain(k, where, depth + 1): _check_plain(v, where, depth + 1)
+            for k, v in value.items()
+        }
     raise InvalidArguments(f"{where}: {type(value).__name__} is not a plain value")
 
 

@@ -370,7 +370,7 @@ class JournalService(Service, Generic[M]):
         """Build the command ``name`` from plain arguments and execute it."""
         try:
             command = self.schema.build_command(name, kwargs)
-        except TxJournalError:
+        except Exception:
             return fail()
         return self.execute(command, user)
 
