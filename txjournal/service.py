@@ -29,7 +29,6 @@ from txjournal.errors import (
     NotRunning,
     RecoveryError,
     SnapshotError,
-    TxJournalError,
     UnknownCommand,
 )
 from txjournal.fs import DIR_MODE, check_private_dir
