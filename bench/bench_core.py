@@ -328,10 +328,8 @@ def add_ratios(results: dict[str, Result]) -> None:
     cold = results.get("replay_cold_start")
     if decode and cold:
         cold.ratios["rate/decode"] = cold.rate / decode.rate
-        cold.ratios["rate/A"] = cold.rate / a.rate
     if decode and frames:
         decode.ratios["rate/frames"] = decode.rate / frames.rate
-        frames.ratios["rate/A"] = frames.rate / a.rate
 
 
 def fmt(value: float | int | None, spec: str) -> str:
@@ -344,9 +342,12 @@ def print_table(results: dict[str, Result], info: dict[str, Any]) -> None:
     print()
     print(f"txjournal core benchmark ({info['mode']}): {info['machine']}")
     print(f"directory {info['directory']} on {info['device']} ({info['fstype']})")
+    before = "/".join(f"{x:.2f}" for x in info["loadavg_before"])
+    after = "/".join(f"{x:.2f}" for x in info["loadavg_after"])
+    print(f"load average before {before}, after {after} (other work on the machine skews figures)")
     head = (
         f"{'':53} {'count':>8} {'secs':>6} {'per s':>9} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'batches':>8} {'mean b':>7}  ratios"
+        f" {'batches':>8} {'mean b':>7} {'RSS MiB':>7}  ratios"
     )
     print(head)
     print("-" * (len(head) + 40))
@@ -355,16 +356,20 @@ def print_table(results: dict[str, Result], info: dict[str, Any]) -> None:
         print(
             f"{r.label:53} {r.count:>8} {r.seconds:>6.2f} {r.rate:>9,.0f} "
             f"{fmt(r.p50_ms, '7.3f'):>7} {fmt(r.p99_ms, '7.3f'):>7} "
-            f"{fmt(r.batches, 'd'):>8} {fmt(r.mean_batch, '7.1f'):>7}  {ratios}"
+            f"{fmt(r.batches, 'd'):>8} {fmt(r.mean_batch, '7.1f'):>7} "
+            f"{r.peak_rss_kib / 1024:>7.1f}  {ratios}"
         )
     notes = [f"  {r.key}: {r.note}" for r in results.values() if r.note]
     if notes:
         print("notes:")
         print("\n".join(notes))
-    print(f"peak RSS: {info['peak_rss_kib'] / 1024:.1f} MiB")
+    print(f"peak RSS of the whole run: {info['peak_rss_kib'] / 1024:.1f} MiB "
+          "(RSS MiB column: peak so far after each row)")
     print(
-        "ratios: rate/A = throughput / baseline A records/s; rate/B = / baseline B; "
-        "p50/A p50 = latency / baseline A latency; rate/decode = cold start / decode only"
+        "ratios: rate/A = throughput / baseline A records/s; rate/B = / baseline B "
+        "records/s;\n        p50/A p50, p99/A p99 = latency / baseline A per-record "
+        "latency;\n        rate/decode = cold start / decode only; rate/frames = "
+        "decode only / frames only"
     )
 
 
@@ -388,6 +393,7 @@ def machine_info(directory: str, mode: str) -> dict[str, Any]:
         "device": device,
         "fstype": fstype,
         "st_dev": st.st_dev,
+        "loadavg_before": os.getloadavg(),
     }
 
 
@@ -422,6 +428,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             shutil.rmtree(directory, ignore_errors=True)
     info["total_seconds"] = time.perf_counter() - started
     info["peak_rss_kib"] = peak_rss_kib()
+    info["loadavg_after"] = os.getloadavg()
     add_ratios(results)
     print_table(results, info)
 

@@ -245,11 +245,6 @@ def test_flipped_byte_in_a_middle_record_is_corruption(tmp_path: Path) -> None:
             assert seg.read_bytes() != original and len(seg.read_bytes()) == len(original)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: JournalCorrupt reports the damaged seq field's value instead of "
-    "the sequence number expected at that offset",
-)
 def test_flipped_byte_in_seq_field_names_the_expected_seq(tmp_path: Path) -> None:
     seg, original, start, _end = _corrupt_middle(tmp_path)
     reported = []

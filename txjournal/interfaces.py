@@ -71,6 +71,7 @@ class IJournal(Interface):
     journal_id = Attribute("A random 64-bit integer naming this journal for life.")
     salt = Attribute("``journal_id`` as 8 bytes: goes under every record checksum.")
     next_seq = Attribute("The sequence number the next appended record must carry.")
+    location = Attribute("Where the journal lives (a path or URL, no password), for messages.")
 
     def open() -> None:
         """Find the journal's parts and check they fit together."""
@@ -101,6 +102,8 @@ class IJournal(Interface):
 
 class ISnapshotStore(Interface):
     """Durable, atomic storage of serialized models by the sequence they cover."""
+
+    location = Attribute("Where the snapshots live (a path or URL, no password), for messages.")
 
     def list() -> builtins.list[int]:
         """Sequence numbers of stored snapshots, newest first."""

@@ -207,10 +207,10 @@ class JournalService(Service, Generic[M]):
             # A snapshot proves the model once reached ``newest``; starting
             # from less (say, an empty model) would silently lose history.
             raise RecoveryError(
-                f"the journal ends at sequence number {journal.next_seq - 1} but snapshot "
-                f"{newest} covers more{'' if newest == snap_seq else ' and cannot be loaded'}: "
-                f"records are missing; see the warnings above and run "
-                f"'python -m txjournal verify'"
+                f"the journal in {journal.location} ends at sequence number "
+                f"{journal.next_seq - 1} but snapshot {newest} in {store.location} covers "
+                f"more{'' if newest == snap_seq else ' and cannot be loaded'}: records are "
+                f"missing; see the warnings above and run 'python -m txjournal verify'"
             )
         runner = self._runner_given
         if runner is None:

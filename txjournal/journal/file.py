@@ -60,6 +60,7 @@ class FileJournal:
         if segment_size < rec.SEGMENT_HEADER_SIZE + 64:
             raise ValueError(f"segment_size {segment_size} is too small")
         self.directory = os.path.abspath(directory)
+        self.location = self.directory
         self.segment_size = segment_size
         self.sync = sync
         self.readonly = readonly
@@ -160,10 +161,13 @@ class FileJournal:
                         self._torn(path, offset, e.reason, end - offset)
                         end = offset
                         break
+                    reason = e.reason
+                    if e.seq is not None and e.seq != expected:
+                        reason += f"; its sequence field reads {e.seq}"
                     raise JournalCorrupt(
-                        path, offset, e.seq if e.seq is not None else expected,
-                        f"invalid record ({e.reason}) followed by valid data"
-                        if i == last else f"invalid record ({e.reason})",
+                        path, offset, expected,
+                        f"invalid record ({reason}) followed by valid data"
+                        if i == last else f"invalid record ({reason})",
                     ) from None
                 if record.seq != expected:
                     raise JournalCorrupt(

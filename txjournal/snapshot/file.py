@@ -75,6 +75,7 @@ def decode(path: str, data: bytes, seq: int) -> bytes:
 class FileSnapshotStore:
     def __init__(self, directory: str, fs: IFileSystem | None = None, readonly: bool = False) -> None:
         self.directory = os.path.abspath(directory)
+        self.location = self.directory
         self.readonly = readonly
         self._fs: IFileSystem = fs if fs is not None else OSFileSystem()
         if not readonly:
