@@ -209,13 +209,13 @@ async def run(
             defer.ensureDeferred(client_loop(avatar, random.Random(rng.random()), ledger, stop))
             for _f, avatar in sessions
         ]
-        all_stopped = defer.DeferredList(loops)
-        await defer.DeferredList(
-            [ledger.when_acks(kill_after), all_stopped], fireOnOneCallback=True
-        )
+        all_stopped: defer.Deferred[Any] = defer.DeferredList(loops)
+        reached: defer.Deferred[Any] = ledger.when_acks(kill_after)
+        await defer.DeferredList([reached, all_stopped], fireOnOneCallback=True)
         if ledger.acks < kill_after:
             raise RuntimeError("every client stopped before the kill point")
-        os.kill(server.transport.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        assert server.transport is not None
+        os.kill(server.transport.pid, signal.SIGKILL)
         await server.ended
         stop[0] = True
         await defer.DeferredList(loops)
@@ -237,7 +237,8 @@ async def run(
         served = await avatar.callRemote("query", "accounts", {})
         total = await avatar.callRemote("query", "total", {})
         factory.disconnect()
-        server.transport.signalProcess("TERM")  # type: ignore[attr-defined]
+        assert server.transport is not None
+        server.transport.signalProcess("TERM")
         await server.ended
         expected = replay_model(records).accounts
         assert served == expected, "served model differs from the journal replayed"
