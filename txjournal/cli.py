@@ -46,6 +46,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from txjournal import tools_cli
 from txjournal.errors import TxJournalError
 
 EXIT_OK = 0
@@ -503,6 +504,17 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "adduser": Subcommand("add a user to a users file", _configure_adduser, _run_adduser),
     "call": Subcommand("execute a command on a running server", _configure_call, _run_call),
     "query": Subcommand("run a query on a running server", _configure_query, _run_query),
+    "verify": Subcommand(
+        "check a data directory's journal and snapshots", tools_cli.configure_verify, tools_cli.run_verify
+    ),
+    "inspect": Subcommand(
+        "list journal records (no application code needed)", tools_cli.configure_inspect, tools_cli.run_inspect
+    ),
+    "repair": Subcommand(
+        "cut a damaged journal after a sequence number, keeping a backup",
+        tools_cli.configure_repair,
+        tools_cli.run_repair,
+    ),
 }
 
 

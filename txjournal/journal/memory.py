@@ -28,6 +28,7 @@ class MemoryJournal:
         self.journal_id = secrets.randbits(64)
         self.salt = self.journal_id.to_bytes(8, "little")
         self.next_seq = 1
+        self.location = "<memory journal>"
         self.data: list[bytes] = []
         self.appends = 0
         self.fail_next: BaseException | None = None
@@ -76,6 +77,7 @@ class MemoryJournal:
 class MemorySnapshotStore:
     def __init__(self) -> None:
         self.snapshots: dict[int, bytes] = {}
+        self.location = "<memory snapshots>"
 
     def list(self) -> builtins.list[int]:
         return sorted(self.snapshots, reverse=True)
@@ -91,6 +93,9 @@ class MemorySnapshotStore:
         return f"<memory:{seq}>"
 
     def prune(self, keep: int) -> builtins.list[int]:
+        if keep < 1:
+            # As the file store: pruning to nothing is a caller's bug, not a request.
+            raise ValueError("keep at least one snapshot")
         removed = self.list()[keep:]
         for seq in removed:
             del self.snapshots[seq]
