@@ -602,25 +602,37 @@ def test_truncated_snapshot_at_every_offset(tmp_path: Path) -> None:
         assert str(path) in str(info.value), cut
 
 
-# The u32 after the header CRC is reserved and covered by no checksum.
-_UNCHECKED = range(HEADER_SIZE - 4, HEADER_SIZE)
-
-
 def test_flipped_byte_in_snapshot_is_detected(tmp_path: Path) -> None:
+    """Version 2 puts every header byte under the header checksum."""
     store, path = saved_snapshot(tmp_path)
     original = path.read_bytes()
-    offsets = [o for o in range(len(original)) if o not in _UNCHECKED]
-    for offset in offsets:
+    for offset in range(len(original)):
         for mask in (0x01, 0x80):
             path.write_bytes(original)
             flip(path, offset, mask)
             with pytest.raises(SnapshotError) as info:
                 store.load(42)
             assert str(path) in str(info.value), (offset, mask)
-    for offset in _UNCHECKED:
-        path.write_bytes(original)
-        flip(path, offset)
-        assert store.load(42) == PAYLOAD
+
+
+def test_version_1_snapshots_still_load(tmp_path: Path) -> None:
+    import hashlib
+
+    from txjournal.record import mask as crc_mask
+    from txjournal.snapshot import file as snapfile
+
+    directory = tmp_path / "snapshots"
+    directory.mkdir()
+    head = snapfile._HEAD_V1.pack(
+        snapfile.MAGIC, 1, 0, 0, 7, len(PAYLOAD), hashlib.sha256(PAYLOAD).digest()
+    )
+    from crc32c import crc32c
+
+    data = head + snapfile._CRC_V1.pack(crc_mask(crc32c(head)), 0) + PAYLOAD
+    (directory / snapshot_name(7)).write_bytes(data)
+    store = FileSnapshotStore(str(directory))
+    assert store.load(7) == PAYLOAD
+    assert store.model_digest(7) == hashlib.sha256(PAYLOAD).digest()
 
 
 @pytest.mark.parametrize(

@@ -414,3 +414,24 @@ def test_model_factory_is_used_fresh() -> None:
     a.execute(Deposit("x", 1))
     assert b.query("accounts") == {}
     assert isinstance(a.model, Bank)
+
+
+def test_snapshots_store_the_model_digest() -> None:
+    import hashlib
+
+    store = MemorySnapshotStore()
+    svc = make(store=store)
+    svc.execute(Deposit("a", 1))
+    assert outcome(svc.snapshot()) == 1
+    assert store.model_digest(1) == hashlib.sha256(store.load(1)).digest()
+    assert store.model_digest(1) == bank.model_digest(svc.model)
+
+    canonical: Schema[Bank] = Schema(
+        "canon", model=Bank, digest=lambda m: repr(sorted(m.accounts.items())).encode()
+    )
+    canonical.command("deposit")(Deposit)
+    store2 = MemorySnapshotStore()
+    svc2 = make(store=store2, schema=canonical)
+    svc2.execute(Deposit("a", 1))
+    outcome(svc2.snapshot())
+    assert store2.model_digest(1) == hashlib.sha256(b"[('a', 1)]").digest()

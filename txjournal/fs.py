@@ -68,6 +68,10 @@ class OSFileSystem:
         with open(path, "rb") as f:
             return f.read()
 
+    def read_prefix(self, path: str, length: int) -> bytes:
+        with open(path, "rb") as f:
+            return f.read(length)
+
     def size(self, path: str) -> int:
         return os.stat(path).st_size
 

@@ -52,6 +52,9 @@ class IFileSystem(Interface):
     def read(path: str) -> bytes:
         """A whole file."""
 
+    def read_prefix(path: str, length: int) -> bytes:
+        """At most the first ``length`` bytes of a file."""
+
     def size(path: str) -> int:
         """A file's size in bytes."""
 
@@ -111,8 +114,14 @@ class ISnapshotStore(Interface):
     def load(seq: int) -> bytes:
         """The verified payload of one snapshot; raises ``SnapshotError`` if bad."""
 
-    def save(seq: int, payload: bytes) -> str:
-        """Store a payload atomically and durably; return where it went."""
+    def save(seq: int, payload: bytes, model_digest: bytes | None = None) -> str:
+        """
+        Store a payload atomically and durably with the model's digest
+        (32 bytes; default: the payload's SHA-256); return where it went.
+        """
+
+    def model_digest(seq: int) -> bytes:
+        """The model digest stored with a snapshot, without loading it."""
 
     def prune(keep: int) -> builtins.list[int]:
         """Remove all but the newest ``keep`` snapshots; return those removed."""

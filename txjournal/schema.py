@@ -11,6 +11,7 @@ read without trusting it to run code.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import random
 import types
@@ -119,12 +120,20 @@ class Schema(Generic[M]):
             def execute(self, model, ctx): ...
     """
 
-    def __init__(self, name: str, model: Callable[[], M]) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: Callable[[], M],
+        digest: Callable[[M], bytes] | None = None,
+    ) -> None:
         _check_name("schema", name)
         if not callable(model):
             raise SchemaError(f"model of schema {name!r} must be a zero-argument factory")
+        if digest is not None and not callable(digest):
+            raise SchemaError(f"digest of schema {name!r} must be a function of the model")
         self.name = name
         self.model_factory = model
+        self.digest = digest
         self._commands: dict[str, CommandType] = {}
         self._by_class: dict[type, CommandType] = {}
         self._queries: dict[str, QueryType] = {}
@@ -242,6 +251,26 @@ class Schema(Generic[M]):
 
     def new_model(self) -> M:
         return self.model_factory()
+
+    def model_digest(self, model: M, payload: bytes | None = None) -> bytes:
+        """
+        A 32-byte digest of the model's state, stored with each snapshot so
+        that replaying the journal with the current code can be checked
+        against it (``python -m txjournal check``).
+
+        By default it is the SHA-256 of the snapshot payload (``payload``, or
+        the model pickled if not given). Pickles are only canonical for
+        models built the same way, and a set of strings pickles in a
+        per-process order: give the schema a ``digest(model) -> bytes``
+        that renders the state canonically when that matters.
+        """
+        if self.digest is not None:
+            return hashlib.sha256(self.digest(model)).digest()
+        if payload is None:
+            from txjournal.snapshot.serializer import PickleSerializer
+
+            payload = PickleSerializer().dumps(model)
+        return hashlib.sha256(payload).digest()
 
     # -- encoding -----------------------------------------------------------
 

@@ -425,6 +425,7 @@ class JournalService(Service, Generic[M]):
         started = time.monotonic()
         try:
             payload = self.serializer.dumps(engine.model)
+            digest = self.schema.model_digest(engine.model, payload)
         except Exception as e:
             self.log.failure("Snapshot at {seq} failed: model cannot be serialized", seq=seq)
             return fail(SnapshotError(f"model cannot be serialized: {e}"))
@@ -434,7 +435,7 @@ class JournalService(Service, Generic[M]):
         keep = self.keep_snapshots
 
         def write() -> tuple[str, list[int]]:
-            path = store.save(seq, payload)
+            path = store.save(seq, payload, digest)
             return path, store.prune(keep)
 
         def saved(result: tuple[str, list[int]]) -> int | Deferred[int]:

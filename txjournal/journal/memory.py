@@ -7,6 +7,7 @@ process, so never use them for data you want to keep.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import secrets
 from collections.abc import Iterator
 
@@ -77,6 +78,7 @@ class MemoryJournal:
 class MemorySnapshotStore:
     def __init__(self) -> None:
         self.snapshots: dict[int, bytes] = {}
+        self.digests: dict[int, bytes] = {}
         self.location = "<memory snapshots>"
 
     def list(self) -> builtins.list[int]:
@@ -88,8 +90,13 @@ class MemorySnapshotStore:
         except KeyError:
             raise SnapshotError(f"no snapshot at {seq}") from None
 
-    def save(self, seq: int, payload: bytes) -> str:
+    def model_digest(self, seq: int) -> bytes:
+        self.load(seq)
+        return self.digests.get(seq) or hashlib.sha256(self.snapshots[seq]).digest()
+
+    def save(self, seq: int, payload: bytes, model_digest: bytes | None = None) -> str:
         self.snapshots[seq] = payload
+        self.digests[seq] = model_digest or hashlib.sha256(payload).digest()
         return f"<memory:{seq}>"
 
     def prune(self, keep: int) -> builtins.list[int]:
@@ -99,4 +106,5 @@ class MemorySnapshotStore:
         removed = self.list()[keep:]
         for seq in removed:
             del self.snapshots[seq]
+            self.digests.pop(seq, None)
         return removed

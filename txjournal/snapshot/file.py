@@ -1,11 +1,13 @@
 """
 Snapshots as files in ``DATADIR/snapshots``, one per covered sequence number.
 
-A snapshot file is a 64-byte header and the serialized model::
+A snapshot file is a 104-byte header and the serialized model::
 
-    magic "TXSNAP\\r\\n" | u16 version | u16 flags | u32 reserved | u64 seq
-    | u64 payload length | 32-byte SHA-256 of the payload | u32 header crc
-    | u32 reserved
+    magic "TXSNAP\\r\\n" | u16 version (2) | u16 flags | u32 reserved | u64 seq
+    | u64 payload length | 32-byte SHA-256 of the payload
+    | 32-byte model digest | u32 reserved | u32 header crc
+
+Version 1 files (72-byte header, no model digest) are still read.
 
 It is written to a temp file, fsynced, renamed into place and the directory
 fsynced, so a crash leaves either the old set of snapshots or the new one.
@@ -18,6 +20,7 @@ import hashlib
 import os
 import re
 import struct
+from dataclasses import dataclass
 
 from crc32c import crc32c
 from zope.interface import implementer
@@ -28,10 +31,16 @@ from txjournal.interfaces import IFileSystem, ISnapshotStore
 from txjournal.record import mask
 
 MAGIC = b"TXSNAP\r\n"
-VERSION = 1
-_HEAD = struct.Struct("<8sHHIQQ32s")
-_CRC = struct.Struct("<II")
-HEADER_SIZE = _HEAD.size + _CRC.size  # 72
+VERSION = 2
+_PREFIX = struct.Struct("<8sH")  # magic, version: the same in every version
+# Version 1: ... | payload SHA-256 | u32 crc | u32 reserved (not covered).
+_HEAD_V1 = struct.Struct("<8sHHIQQ32s")
+_CRC_V1 = struct.Struct("<II")
+V1_HEADER_SIZE = _HEAD_V1.size + _CRC_V1.size  # 72
+# Version 2 adds the model digest, and every header byte is under the crc.
+_HEAD = struct.Struct("<8sHHIQQ32s32sI")
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + _CRC.size  # 104
 
 _NAME_RE = re.compile(r"^(\d{20})\.snapshot$")
 _TEMP_PREFIX = ".tmp-"
@@ -41,32 +50,64 @@ def snapshot_name(seq: int) -> str:
     return f"{seq:020d}.snapshot"
 
 
-def encode_header(seq: int, payload: bytes) -> bytes:
-    head = _HEAD.pack(MAGIC, VERSION, 0, 0, seq, len(payload), hashlib.sha256(payload).digest())
-    return head + _CRC.pack(mask(crc32c(head)), 0)
+@dataclass(frozen=True)
+class SnapshotHeader:
+    version: int
+    seq: int
+    length: int
+    payload_digest: bytes
+    #: SHA-256 of the schema's digest of the model (see ``Schema.model_digest``);
+    #: for version 1 files, the payload's SHA-256.
+    model_digest: bytes
+    size: int
+
+
+def encode_header(seq: int, payload: bytes, model_digest: bytes | None = None) -> bytes:
+    payload_digest = hashlib.sha256(payload).digest()
+    if model_digest is None:
+        model_digest = payload_digest
+    if len(model_digest) != 32:
+        raise ValueError("a model digest is 32 bytes (a SHA-256)")
+    head = _HEAD.pack(MAGIC, VERSION, 0, 0, seq, len(payload), payload_digest, model_digest, 0)
+    return head + _CRC.pack(mask(crc32c(head)))
+
+
+def decode_header(path: str, data: bytes, seq: int) -> SnapshotHeader:
+    """Check a snapshot's header (either version) against its file name."""
+    if len(data) < _PREFIX.size:
+        raise SnapshotError(f"snapshot {path} is truncated ({len(data)} bytes)")
+    magic, version = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotError(f"snapshot {path} has bad magic {magic!r}")
+    if version == 1:
+        head_struct, crc_struct, size = _HEAD_V1, _CRC_V1, V1_HEADER_SIZE
+    elif version == 2:
+        head_struct, crc_struct, size = _HEAD, _CRC, HEADER_SIZE
+    else:
+        raise SnapshotError(f"snapshot {path} has unsupported version {version}")
+    if len(data) < size:
+        raise SnapshotError(f"snapshot {path} is truncated ({len(data)} bytes, header needs {size})")
+    head = data[: head_struct.size]
+    crc = crc_struct.unpack_from(data, head_struct.size)[0]
+    if crc != mask(crc32c(head)):
+        raise SnapshotError(f"snapshot {path} has a bad header checksum")
+    fields = head_struct.unpack(head)
+    stored_seq, length, payload_digest = fields[4], fields[5], fields[6]
+    model_digest = fields[7] if version == 2 else payload_digest
+    if stored_seq != seq:
+        raise SnapshotError(f"snapshot {path} says it covers {stored_seq}, its name says {seq}")
+    return SnapshotHeader(version, stored_seq, length, payload_digest, model_digest, size)
 
 
 def decode(path: str, data: bytes, seq: int) -> bytes:
     """Check a snapshot file's bytes and return its payload."""
-    if len(data) < HEADER_SIZE:
-        raise SnapshotError(f"snapshot {path} is truncated ({len(data)} bytes, header needs {HEADER_SIZE})")
-    head = data[: _HEAD.size]
-    magic, version, _flags, _r, stored_seq, length, digest = _HEAD.unpack(head)
-    if magic != MAGIC:
-        raise SnapshotError(f"snapshot {path} has bad magic {magic!r}")
-    (crc, _r2) = _CRC.unpack_from(data, _HEAD.size)
-    if crc != mask(crc32c(head)):
-        raise SnapshotError(f"snapshot {path} has a bad header checksum")
-    if version != VERSION:
-        raise SnapshotError(f"snapshot {path} has unsupported version {version}")
-    if stored_seq != seq:
-        raise SnapshotError(f"snapshot {path} says it covers {stored_seq}, its name says {seq}")
-    payload = data[HEADER_SIZE:]
-    if len(payload) != length:
+    header = decode_header(path, data, seq)
+    payload = data[header.size :]
+    if len(payload) != header.length:
         raise SnapshotError(
-            f"snapshot {path} is truncated: payload is {len(payload)} bytes, header says {length}"
+            f"snapshot {path} is truncated: payload is {len(payload)} bytes, header says {header.length}"
         )
-    if hashlib.sha256(payload).digest() != digest:
+    if hashlib.sha256(payload).digest() != header.payload_digest:
         raise SnapshotError(f"snapshot {path} fails its SHA-256 digest check")
     return payload
 
@@ -106,7 +147,15 @@ class FileSnapshotStore:
             raise SnapshotError(f"snapshot {path} cannot be read: {e}") from None
         return decode(path, data, seq)
 
-    def save(self, seq: int, payload: bytes) -> str:
+    def model_digest(self, seq: int) -> bytes:
+        path = self.path(seq)
+        try:
+            head = self._fs.read_prefix(path, HEADER_SIZE)
+        except OSError as e:
+            raise SnapshotError(f"snapshot {path} cannot be read: {e}") from None
+        return decode_header(path, head, seq).model_digest
+
+    def save(self, seq: int, payload: bytes, model_digest: bytes | None = None) -> str:
         fs = self._fs
         final = self.path(seq)
         temp = os.path.join(self.directory, _TEMP_PREFIX + snapshot_name(seq))
@@ -117,7 +166,7 @@ class FileSnapshotStore:
         fd = fs.create_exclusive(temp)
         try:
             try:
-                write_all(fs, fd, encode_header(seq, payload))
+                write_all(fs, fd, encode_header(seq, payload, model_digest))
                 write_all(fs, fd, payload)
                 fs.fsync(fd)
             finally:
