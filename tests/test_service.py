@@ -16,7 +16,15 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from examples.bank import Bank, Deposit, InsufficientFunds, Transfer, Withdraw, bank
+from examples.bank import (
+    Bank,
+    Deposit,
+    InsufficientFunds,
+    Transfer,
+    UnknownAccount,
+    Withdraw,
+    bank,
+)
 from txjournal import (
     CommandEncodeError,
     Context,
@@ -435,3 +443,70 @@ def test_snapshots_store_the_model_digest() -> None:
     svc2.execute(Deposit("a", 1))
     outcome(svc2.snapshot())
     assert store2.model_digest(1) == hashlib.sha256(b"[('a', 1)]").digest()
+
+
+def _records(journal: MemoryJournal) -> list[Any]:
+    from txjournal import record as rec
+
+    return [r for _o, r in rec.iter_records(b"".join(journal.data), 0, journal.salt)]
+
+
+def test_audited_queries_are_journaled_and_skipped_by_replay(manual_runner: ManualRunner) -> None:
+    import msgpack
+
+    from txjournal.record import KIND_COMMAND, KIND_QUERY
+
+    journal = MemoryJournal()
+    svc = make(journal, runner=manual_runner, audit_queries=True)
+    svc.execute(Deposit("a", 5))
+    manual_runner.release()
+    d = svc.query_as("bob", "balance", {"account": "a"})
+    assert not d.called  # answers only once its audit record is durable
+    manual_runner.release()
+    assert outcome(d) == 5
+    assert svc.query("total") == 5  # in-process: the value at once, recorded behind it
+    manual_runner.release()
+    with pytest.raises(UnknownAccount):
+        svc.query("balance", account="nobody")  # raised: revealed nothing, not recorded
+    assert manual_runner.calls == []
+    records = _records(journal)
+    assert [(r.seq, r.kind, r.name, r.user) for r in records] == [
+        (1, KIND_COMMAND, "deposit", None),
+        (2, KIND_QUERY, "balance", "bob"),
+        (3, KIND_QUERY, "total", None),
+    ]
+    assert msgpack.unpackb(records[1].fields) == {"account": "a"}
+    # Replay skips audit records; sequence numbers stay dense.
+    again = make(journal)
+    assert again.query("accounts") == {"a": 5}
+    assert again.replayed == 3
+    assert outcome(again.execute(Deposit("a", 1))) == 6
+    assert _records(journal)[-1].seq == 4
+
+
+def test_per_query_audit_flag() -> None:
+    schema: Schema[Bank] = Schema("audit", model=Bank)
+    schema.command("deposit")(Deposit)
+
+    @schema.query("secret", audit=True)
+    def secret(model: Bank) -> int:
+        return len(model.accounts)
+
+    @schema.query("public")
+    def public(model: Bank) -> int:
+        return 0
+
+    journal = MemoryJournal()
+    svc = make(journal, schema=schema)
+    assert outcome(svc.query_as("eve", "public", {})) == 0
+    assert outcome(svc.query_as("eve", "secret", {})) == 0
+    assert [(r.name, r.user) for r in _records(journal)] == [("secret", "eve")]
+
+
+def test_audit_refused_after_write_failure(manual_runner: ManualRunner) -> None:
+    journal = MemoryJournal()
+    svc = make(journal, runner=manual_runner, audit_queries=True)
+    journal.fail_next = OSError(errno.EIO, "Input/output error")
+    svc.execute(Deposit("a", 1))
+    manual_runner.release()
+    assert outcome(svc.query_as("bob", "total", {})).check(JournalFailed)

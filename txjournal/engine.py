@@ -169,6 +169,43 @@ class Engine(Generic[M]):
             ))
         except Exception:
             return fail()
+        return self._append(
+            live, ctype.name_bytes, ctype.version, payload, user, user_bytes, rec.KIND_COMMAND
+        )
+
+    def audit(self, name_bytes: bytes, arguments: bytes, user: str | None) -> Deferred[None]:
+        """
+        Journal a query audit record (kind ``KIND_QUERY``); the Deferred
+        fires once it is durable. It takes a sequence number like any
+        record but is never applied, live or on replay.
+        """
+        if self._failed is not None:
+            return fail(JournalFailed(
+                f"the journal stopped after a write error and cannot record the query; "
+                f"restart the service ({self._failed})"
+            ))
+        if self._closed:
+            return fail(NotRunning("the journal service is stopping"))
+        if self._pending >= self._max_pending:
+            return fail(JournalOverloaded(
+                f"{self._pending} records are waiting for the disk "
+                f"(max_pending={self._max_pending}); try again later"
+            ))
+        user_bytes = user.encode("utf-8") if user else b""
+        if len(user_bytes) > 255:
+            return fail(InvalidArguments(f"user name {user!r} is longer than 255 bytes"))
+        return self._append(None, name_bytes, 1, arguments, user, user_bytes, rec.KIND_QUERY)
+
+    def _append(
+        self,
+        command: Any,
+        name_bytes: bytes,
+        version: int,
+        payload: bytes,
+        user: str | None,
+        user_bytes: bytes,
+        kind: int,
+    ) -> Deferred[Any]:
         seq = self._next_seq
         self._next_seq = seq + 1
         time_ns = int(self._seconds() * 1e9)
@@ -176,9 +213,9 @@ class Engine(Generic[M]):
             time_ns = self._last_time_ns
         self._last_time_ns = time_ns
         data = rec.encode_record(
-            self._salt, seq, time_ns, ctype.name_bytes, ctype.version, payload, user_bytes
+            self._salt, seq, time_ns, name_bytes, version, payload, user_bytes, kind
         )
-        pending = _Pending(live, seq, time_ns, user, data)
+        pending = _Pending(command, seq, time_ns, user, data)
         self._batch.append(pending)
         self._pending += 1
         if not self._flushing:
@@ -214,6 +251,10 @@ class Engine(Generic[M]):
                 batch = self._durable.popleft()
                 self._pending -= len(batch)
                 for p in batch:
+                    if p.command is None:  # an audit record: nothing to apply
+                        self.applied_seq = p.seq
+                        p.deferred.callback(None)
+                        continue
                     ctx = Context(p.seq, p.time_ns, journal_id, p.user)
                     try:
                         result = p.command.execute(model, ctx)

@@ -413,15 +413,20 @@ class JournalAvatar(pb.Avatar):
             outcomes.append(d.addCallbacks(lambda result: {"ok": result}, _error_outcome))
         return gatherResults(outcomes)
 
-    def perspective_query(self, name: object, kwargs: object = None) -> object:
-        """Run the query ``name`` with ``kwargs`` against the live model."""
+    def perspective_query(self, name: object, kwargs: object = None) -> Deferred[Any]:
+        """
+        Run the query ``name`` with ``kwargs`` against the live model. An
+        audited query answers once its audit record (naming this user) is
+        durable.
+        """
         self._check_running()
         qname, qkwargs = _check_call(name, kwargs, "query")
-        try:
-            result = self.service.query(qname, **qkwargs)
-        except Exception:
-            raise _translate(Failure(), "query", qname) from None
-        return _plain_result(result, "query", qname)
+
+        def failed(f: Failure) -> Failure:
+            return Failure(_translate(f, "query", qname))
+
+        d = self.service.query_as(self.name, qname, qkwargs)
+        return d.addCallbacks(_plain_result, failed, callbackArgs=("query", qname))
 
     def perspective_describe(self) -> dict[str, Any]:
         """The schema's commands and queries with their argument types."""

@@ -29,6 +29,9 @@ FORMAT_VERSION = 1
 
 #: A record's ``kind``: a command that changes the model.
 KIND_COMMAND = 1
+#: A query audit record: who ran which query with which arguments. Replay
+#: skips it; it never changes the model.
+KIND_QUERY = 2
 
 _SEGMENT_HEADER = struct.Struct("<8sHHQQ")
 _SEGMENT_CRC = struct.Struct("<I")

@@ -93,6 +93,9 @@ class QueryType:
     name: str
     func: Callable[..., Any]
     signature: inspect.Signature
+    #: Record every call of this query in the journal.
+    audit: bool = False
+    name_bytes: bytes = b""
 
 
 def _check_name(kind: str, name: str) -> bytes:
@@ -190,9 +193,14 @@ class Schema(Generic[M]):
 
         return register
 
-    def query(self, name: str) -> Callable[[F], F]:
-        """Register ``func(model, **kwargs)`` as the query ``name``."""
-        _check_name("query", name)
+    def query(self, name: str, audit: bool = False) -> Callable[[F], F]:
+        """
+        Register ``func(model, **kwargs)`` as the query ``name``.
+
+        ``audit=True`` records every call in the journal (who, arguments,
+        time), whatever the service's ``audit_queries`` setting.
+        """
+        name_bytes = _check_name("query", name)
 
         def register(func: F) -> F:
             if name in self._queries:
@@ -200,7 +208,7 @@ class Schema(Generic[M]):
             sig = inspect.signature(func)
             if not sig.parameters:
                 raise SchemaError(f"query {name!r} must take the model as its first argument")
-            self._queries[name] = QueryType(name, func, sig)
+            self._queries[name] = QueryType(name, func, sig, audit, name_bytes)
             return func
 
         return register

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Generic, TypeVar
 
+import msgpack
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.task import LoopingCall
@@ -41,6 +42,7 @@ from txjournal.interfaces import (
 )
 from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
 from txjournal.lock import DataDirLock
+from txjournal.record import KIND_COMMAND
 from txjournal.schema import Context, Schema
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
@@ -65,6 +67,9 @@ class JournalService(Service, Generic[M]):
     :param snapshot_on_stop: write a snapshot on a clean shutdown, so the
         next start replays nothing.
     :param keep_snapshots: how many snapshots to keep.
+    :param audit_queries: record every named query in the journal (who,
+        which query, arguments, time) as a record that replay skips.
+        Queries registered with ``audit=True`` are recorded regardless.
     :param prune_segments: after each snapshot, delete journal segments
         wholly covered by the oldest kept snapshot. Off by default: the full
         history lets new code rebuild its model from scratch.
@@ -93,6 +98,7 @@ class JournalService(Service, Generic[M]):
         snapshot_on_stop: bool = True,
         keep_snapshots: int = 3,
         prune_segments: bool = False,
+        audit_queries: bool = False,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
         serializer: ISnapshotSerializer | None = None,
@@ -113,6 +119,7 @@ class JournalService(Service, Generic[M]):
         self.snapshot_on_stop = snapshot_on_stop
         self.keep_snapshots = keep_snapshots
         self.prune_segments = prune_segments
+        self.audit_queries = audit_queries
         self.segment_size = segment_size
         self.max_pending = max_pending
         self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
@@ -274,7 +281,7 @@ class JournalService(Service, Generic[M]):
                 journal_id = journal.journal_id
             last_time_ns = record.time_ns
             count += 1
-            if schema.is_retired(record.name):
+            if record.kind != KIND_COMMAND or schema.is_retired(record.name):
                 continue
             try:
                 command = schema.decode(record.name, record.version, record.fields)
@@ -374,13 +381,55 @@ class JournalService(Service, Generic[M]):
         return self.execute(command, user)
 
     def query(self, query: object, /, **kwargs: Any) -> Any:
-        """Run a named query with ``kwargs``, or call ``query(model)``."""
+        """
+        Run a named query with ``kwargs``, or call ``query(model)``.
+
+        If the query is audited, its audit record is written in the
+        background: an in-process caller gets the value at once, and a
+        crash may lose the record, as it would an unacknowledged command.
+        Remote callers use :meth:`query_as`, which waits for the record.
+        """
         model = self.model
         if callable(query):
             return query(model, **kwargs)
         if not isinstance(query, str):
             raise TypeError(f"query must be a registered name or a callable, not {query!r}")
-        return self.schema.bind_query(query, kwargs)(model)
+        result, audited = self._run_query(query, kwargs, None)
+        if audited is not None:
+            audited.addErrback(
+                lambda f: self.log.failure("Could not record query {name}", f, name=query)
+            )
+        return result
+
+    def query_as(self, user: str | None, name: str, kwargs: dict[str, Any]) -> Deferred[Any]:
+        """
+        Run the named query for ``user``; if it is audited, the Deferred
+        fires with the result only once the audit record is durable.
+        """
+        try:
+            self.model  # noqa: B018 - raises NotRunning before start
+            result, audited = self._run_query(name, kwargs, user)
+        except Exception:
+            return fail()
+        if audited is None:
+            return succeed(result)
+        return audited.addCallback(lambda _: result)
+
+    def _run_query(
+        self, name: str, kwargs: dict[str, Any], user: str | None
+    ) -> tuple[Any, Deferred[None] | None]:
+        schema = self.schema
+        qtype = schema.query_type(name)
+        bound = schema.bind_query(name, kwargs)
+        result = bound(self.model)  # a query that raises revealed nothing: not recorded
+        audited = None
+        if qtype.audit or self.audit_queries:
+            try:
+                arguments = msgpack.packb(dict(kwargs), use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise InvalidArguments(f"arguments of query {name!r} cannot be recorded: {e}") from None
+            audited = self.engine.audit(qtype.name_bytes, arguments, user)
+        return result, audited
 
     # -- snapshots ----------------------------------------------------------------
 
