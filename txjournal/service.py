@@ -18,10 +18,8 @@ import msgpack
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from txjournal.engine import DEFAULT_MAX_PENDING, Engine, Runner
@@ -46,6 +44,7 @@ from txjournal.record import KIND_COMMAND
 from txjournal.schema import Context, Schema
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
+from txjournal.writer import WriterThread
 
 M = TypeVar("M")
 
@@ -135,7 +134,7 @@ class JournalService(Service, Generic[M]):
         self._journal: IJournal | None = None
         self._store: ISnapshotStore | None = None
         self._lock: DataDirLock | None = None
-        self._pools: list[tuple[ThreadPool, Any]] = []
+        self._threads: list[tuple[WriterThread, Any]] = []
         self._snapshot_runner: Runner | None = None
         self._writer_runner: Runner | None = None
         self._snapshot_lock = DeferredLock()
@@ -221,10 +220,8 @@ class JournalService(Service, Generic[M]):
             )
         runner = self._runner_given
         if runner is None:
-            writer = self._start_pool("txjournal-writer")
-            snapshotter = self._start_pool("txjournal-snapshot")
-            runner = lambda f, *a: deferToThreadPool(reactor, writer, f, *a)  # noqa: E731
-            self._snapshot_runner = lambda f, *a: deferToThreadPool(reactor, snapshotter, f, *a)
+            runner = self._start_thread("txjournal-writer")
+            self._snapshot_runner = self._start_thread("txjournal-snapshot")
         else:
             self._snapshot_runner = runner
         self._writer_runner = runner
@@ -245,15 +242,14 @@ class JournalService(Service, Generic[M]):
             seq=journal.next_seq,
         )
 
-    def _start_pool(self, name: str) -> ThreadPool:
-        pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-        pool.start()
-        # Pool threads are not daemonic: if the application never stops this
-        # service, the reactor's shutdown must still end them, as it does
-        # for its own pool, or the process would hang on exit.
-        trigger = self._get_reactor().addSystemEventTrigger("during", "shutdown", pool.stop)
-        self._pools.append((pool, trigger))
-        return pool
+    def _start_thread(self, name: str) -> WriterThread:
+        thread = WriterThread(self._get_reactor(), name)
+        thread.start()
+        # If the application never stops this service, the reactor's
+        # shutdown still ends the thread cleanly.
+        trigger = self._get_reactor().addSystemEventTrigger("during", "shutdown", thread.stop)
+        self._threads.append((thread, trigger))
+        return thread
 
     def _load_snapshot(self, store: ISnapshotStore) -> tuple[M, int]:
         for seq in store.list():
@@ -347,10 +343,10 @@ class JournalService(Service, Generic[M]):
         return self._take_snapshot()
 
     def _release(self) -> None:
-        for pool, trigger in self._pools:
-            pool.stop()
+        for thread, trigger in self._threads:
+            thread.stop()
             self._get_reactor().removeSystemEventTrigger(trigger)
-        self._pools = []
+        self._threads = []
         if self._journal is not None:
             self._journal.close()
         if self._lock is not None:
