@@ -24,7 +24,7 @@ from txjournal import (
     JournalService,
     JournalWriteError,
 )
-from txjournal.errors import UnsafeDataDir
+from txjournal.errors import SnapshotError, UnsafeDataDir
 from txjournal.fs import OSFileSystem
 from txjournal.journal.file import FileJournal, segment_name
 
@@ -357,3 +357,50 @@ async def test_segments_roll_over_and_prune_only_when_asked(tmp_path: Any) -> No
         os.unlink(os.path.join(datadir, "snapshots", name))
     with pytest.raises(JournalCorrupt, match="missing"):
         start(datadir)
+
+
+class _KillingSerializer:
+    """Dies in the middle of serializing (in the forked child, where it runs)."""
+
+    def dumps(self, model: object) -> bytes:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+    def loads(self, data: bytes) -> object:
+        return pickle.loads(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forked_snapshot_covers_exactly_its_sequence_number(tmp_path: Any, captured: list[Any]) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_on_stop=False)
+    for _ in range(100):
+        await svc.execute(Deposit("a", 1))
+    snapshot = svc.snapshot()
+    # Commands applied while the child writes do not leak into its snapshot.
+    for _ in range(10):
+        await svc.execute(Deposit("a", 1))
+    assert await snapshot == 100
+    assert "forked child" in texts(captured)
+    await svc.stopService()
+    again = start(datadir, snapshot_on_stop=False)
+    assert (again.loaded_snapshot_seq, again.replayed) == (100, 10)
+    assert again.query("balance", account="a") == 110
+    await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_child_killed_leaves_older_snapshots(tmp_path: Any) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_on_stop=False)
+    await svc.execute(Deposit("a", 1))
+    assert await svc.snapshot() == 1
+    await svc.execute(Deposit("a", 1))
+    svc.serializer = _KillingSerializer()
+    with pytest.raises(SnapshotError, match="killed by signal 9"):
+        await svc.snapshot()
+    assert await svc.execute(Deposit("a", 1)) == 3
+    await svc.stopService()
+    assert sorted(os.listdir(os.path.join(datadir, "snapshots"))) == ["00000000000000000001.snapshot"]
