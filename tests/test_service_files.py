@@ -404,3 +404,26 @@ async def test_snapshot_child_killed_leaves_older_snapshots(tmp_path: Any) -> No
     assert await svc.execute(Deposit("a", 1)) == 3
     await svc.stopService()
     assert sorted(os.listdir(os.path.join(datadir, "snapshots"))) == ["00000000000000000001.snapshot"]
+
+
+def test_long_replay_reports_progress(tmp_path: Any, captured: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import sync_runner
+    from twisted.internet.task import Clock
+
+    from txjournal import service as service_module
+
+    datadir = str(tmp_path / "bank")
+    svc = JournalService(bank, datadir, sync=False, runner=sync_runner, reactor=Clock(),
+                         snapshot_on_stop=False, segment_size=64 * 1024)
+    svc.startService()
+    for _ in range(8192 * 2):
+        svc.execute(Deposit("a", 1))
+    svc.stopService()
+    monkeypatch.setattr(service_module, "_PROGRESS_EVERY", 0.0)
+    again = JournalService(bank, datadir, runner=sync_runner, reactor=Clock())
+    again.startService()
+    lines = [line for line in texts(captured).splitlines() if line.startswith("Replaying:")]
+    assert len(lines) == 2
+    assert "8192 records done" in lines[0] and "%" in lines[0] and "left" in lines[0]
+    assert again.query("balance", account="a") == 8192 * 2
+    again.stopService()

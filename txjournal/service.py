@@ -306,9 +306,16 @@ class JournalService(Service, Generic[M]):
                 now = time.monotonic()
                 if now - last_report >= _PROGRESS_EVERY:
                     last_report = now
+                    rate = count / (now - started)
+                    total = getattr(journal, "progress_total", 0)
+                    done = getattr(journal, "progress_done", 0)
+                    left = (now - started) * (total - done) / done if total and done else None
                     self.log.info(
-                        "Replaying: {count} records done, at {seq}, {rate:.0f}/s",
-                        count=count, seq=record.seq, rate=count / (now - started),
+                        "Replaying: {count} records done, at {seq}, {rate:.0f}/s, "
+                        "{percent}, about {left} left",
+                        count=count, seq=record.seq, rate=rate,
+                        percent=f"{100 * done / total:.1f}%" if total else "?%",
+                        left=f"{left:.0f}s" if left is not None else "unknown",
                     )
         self.replayed = count
         return last_time_ns

@@ -71,6 +71,8 @@ class FileJournal:
         self.next_seq = 1
         #: ``(path, offset, reason)`` of a torn tail found by :meth:`replay`.
         self.torn_tail: tuple[str, int, str] | None = None
+        self.progress_total = 0
+        self.progress_done = 0
         self._replayed = False
         self._fd: int | None = None
         self._tail_path: str | None = None
@@ -125,6 +127,9 @@ class FileJournal:
             )
         last = len(segments) - 1
         salt: bytes | None = None
+        #: Bytes of segments to read and read so far: progress for long replays.
+        self.progress_total = sum(self._fs.size(path) for _first, path in segments[start:])
+        self.progress_done = 0
         for i in range(start, len(segments)):
             first, path = segments[i]
             data = memoryview(self._fs.read(path))
@@ -151,6 +156,7 @@ class FileJournal:
                     f"segment starts at {first} but the previous one ended at "
                     f"{expected - 1}: records {expected}..{first - 1} are missing",
                 )
+            done = self.progress_done
             offset = rec.SEGMENT_HEADER_SIZE
             end = len(data)
             while offset < end:
@@ -177,8 +183,10 @@ class FileJournal:
                     )
                 expected += 1
                 offset = nxt
+                self.progress_done = done + offset
                 if record.seq >= from_seq:
                     yield record
+            self.progress_done = done + len(data)
             if i == last:
                 self._tail_path = path
                 self._size = end
