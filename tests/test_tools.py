@@ -327,7 +327,7 @@ def test_inspect_decodes_records_without_application_code(built: Built) -> None:
     for i, (r, command) in enumerate(zip(records, built.commands), 1):
         fields = dict(vars(command))  # a dataclass: its fields are its attributes
         assert r["fields"] == fields
-        assert r["version"] == 1 and r["kind"] == rec.KIND_COMMAND and r["user"] is None
+        assert r["version"] == 1 and r["kind"] == "command" and r["user"] is None
         assert r["time_ns"] == int((START_TIME + 1.5 * i) * 1e9)
         parsed = datetime.datetime.fromisoformat(r["time"].replace("Z", "+00:00"))
         assert parsed == datetime.datetime.fromtimestamp(START_TIME + 1.5 * i, datetime.UTC)
@@ -405,13 +405,13 @@ def test_inspect_cli_json_lines_in_a_subprocess(tmp_path: Path) -> None:
     assert lines == [
         {
             "seq": 2, "time": "2023-11-14T22:13:20.123456Z", "time_ns": 1_700_000_000_123_456_791,
-            "command": "blob.put", "version": 3, "kind": 1, "user": None,
+            "command": "blob.put", "version": 3, "kind": "command", "user": None,
             "fields": {"key": "k2", "data": {"base64": ""},
                        "meta": {"1": {"base64": "eA=="}, "n": [1, 2.5, None]}},
         },
         {
             "seq": 3, "time": "2023-11-14T22:13:20.123456Z", "time_ns": 1_700_000_000_123_456_792,
-            "command": "blob.del", "version": 3, "kind": 1, "user": "bob",
+            "command": "blob.del", "version": 3, "kind": "command", "user": "bob",
             "fields": {"key": "k1"},
         },
     ]

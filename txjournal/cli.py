@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from txjournal import tools_cli
+from txjournal import history_cli, tools_cli
 from txjournal.errors import TxJournalError
 
 EXIT_OK = 0
@@ -514,6 +514,21 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "cut a damaged journal after a sequence number, keeping a backup",
         tools_cli.configure_repair,
         tools_cli.run_repair,
+    ),
+    "check": Subcommand(
+        "replay the journal with the current code and compare with every snapshot",
+        history_cli.configure_check,
+        history_cli.run_check,
+    ),
+    "rebuild": Subcommand(
+        "replay the whole journal with the current code and write a new snapshot",
+        history_cli.configure_rebuild,
+        history_cli.run_rebuild,
+    ),
+    "replay": Subcommand(
+        "rebuild the model as of a point in history (in memory) to query, explore or time it",
+        history_cli.configure_replay,
+        history_cli.run_replay,
     ),
 }
 

@@ -267,8 +267,8 @@ def verify(datadir: str) -> VerifyReport:
             if record.time_ns < last_time_ns:
                 problems.append(Problem(
                     path, None, record.seq,
-                    f"logged time goes backwards: {_iso(record.time_ns)} after "
-                    f"{_iso(last_time_ns)}", "warning", record.name,
+                    f"logged time goes backwards: {iso_time(record.time_ns)} after "
+                    f"{iso_time(last_time_ns)}", "warning", record.name,
                 ))
             last_time_ns = max(last_time_ns, record.time_ns)
             fields_problem = _check_fields(record.fields)
@@ -478,7 +478,7 @@ def _loads(store: FileSnapshotStore, seq: int) -> tuple[bool, str]:
 # -- inspect ----------------------------------------------------------------------
 
 
-def _iso(time_ns: int) -> str:
+def iso_time(time_ns: int) -> str:
     """ISO 8601 in UTC to the microsecond (the exact value is in ``time_ns``)."""
     seconds, ns = divmod(time_ns, 1_000_000_000)
     try:
@@ -490,19 +490,33 @@ def _iso(time_ns: int) -> str:
     )
 
 
+#: ``kind`` of a record as :func:`record_dict` shows it.
+KIND_NAMES = {rec.KIND_COMMAND: "command", rec.KIND_QUERY: "query"}
+
+
+def kind_name(kind: int) -> str:
+    """``"command"``, ``"query"``, or ``"kind N"`` for a kind this code does not know."""
+    return KIND_NAMES.get(kind, f"kind {kind}")
+
+
 def record_dict(record: rec.Record) -> dict[str, Any]:
     """
     A decoded record as plain data: fields are decoded from MessagePack
     (``bytes`` stay ``bytes``; see :func:`to_jsonable`). A record whose
     fields do not decode gets ``fields: None`` and a ``fields_error``.
+
+    ``kind`` is ``"command"`` (``command`` is the command's name and
+    ``fields`` its fields) or ``"query"`` (a query audit record:
+    ``command`` is the query's name, ``fields`` its arguments, ``user``
+    who ran it); see :func:`kind_name`.
     """
     out: dict[str, Any] = {
         "seq": record.seq,
-        "time": _iso(record.time_ns),
+        "time": iso_time(record.time_ns),
         "time_ns": record.time_ns,
         "command": record.name,
         "version": record.version,
-        "kind": record.kind,
+        "kind": kind_name(record.kind),
         "user": record.user,
     }
     try:
@@ -518,6 +532,7 @@ def inspect(
     from_seq: int | None = None,
     to_seq: int | None = None,
     command: str | None = None,
+    kind: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """
     Yield the journal's records as dicts (see :func:`record_dict`), in order.
@@ -531,18 +546,23 @@ def inspect(
 
     :param from_seq: first sequence number to show (default: the first held).
     :param to_seq: last sequence number to show (default: the end).
-    :param command: show only records of this command name.
+    :param command: show only records of this command (or query) name.
+    :param kind: show only records of this kind (``"command"``, ``"query"``).
     :raises NotADataDir: if ``datadir`` is not a directory (at once, not
         at the first ``next``).
     """
     datadir = _check_datadir(datadir)
     journal = FileJournal(os.path.join(datadir, "journal"), readonly=True)
     journal.open()
-    return _records(journal, from_seq, to_seq, command)
+    return _records(journal, from_seq, to_seq, command, kind)
 
 
 def _records(
-    journal: FileJournal, from_seq: int | None, to_seq: int | None, command: str | None
+    journal: FileJournal,
+    from_seq: int | None,
+    to_seq: int | None,
+    command: str | None,
+    kind: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     first = journal.first_seq()
     if first is None:
@@ -551,7 +571,9 @@ def _records(
     if to_seq is not None and to_seq < start:
         return
     for record in journal.replay(start):
-        if command is None or record.name == command:
+        if (command is None or record.name == command) and (
+            kind is None or kind_name(record.kind) == kind
+        ):
             yield record_dict(record)
         if to_seq is not None and record.seq >= to_seq:
             # Stop here, not at the next record: that one may be the damage

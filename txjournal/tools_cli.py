@@ -4,7 +4,8 @@ The ``verify``, ``inspect`` and ``repair`` subcommands of ``python -m txjournal`
 ::
 
     python -m txjournal verify DATADIR [--json]
-    python -m txjournal inspect DATADIR [--from SEQ] [--to SEQ] [--command NAME] [--json]
+    python -m txjournal inspect DATADIR [--from SEQ] [--to SEQ] [--command NAME]
+                                [--kind command|query] [--json]
     python -m txjournal repair DATADIR --truncate-after SEQ [--yes]
 
 They read the data directory directly (no server, no application code)
@@ -168,7 +169,12 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
     _add_datadir(parser)
     parser.add_argument("--from", dest="from_seq", type=_seq, metavar="SEQ", help="first sequence number")
     parser.add_argument("--to", dest="to_seq", type=_seq, metavar="SEQ", help="last sequence number")
-    parser.add_argument("--command", metavar="NAME", help="only records of this command")
+    parser.add_argument("--command", metavar="NAME", help="only records of this command (or query) name")
+    parser.add_argument(
+        "--kind",
+        choices=["command", "query"],
+        help="only commands, or only query audit records",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -188,6 +194,9 @@ def format_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     n = 0
     for r in records:
         name = f"{r['command']} v{r['version']}"
+        if r.get("kind", "command") != "command":
+            # A query audit record (or a kind this code does not know).
+            name = f"{r['kind']}:{name}"
         fields = _fields_text(r["fields"]) if "fields_error" not in r else f"<{r['fields_error']}>"
         out.write(f"{r['seq']:>10}  {r['time']:<27}  {name:<20}  {r['user'] or '-':<12}  {fields}\n")
         n += 1
@@ -196,7 +205,7 @@ def format_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
-        records = tools.inspect(args.datadir, args.from_seq, args.to_seq, args.command)
+        records = tools.inspect(args.datadir, args.from_seq, args.to_seq, args.command, args.kind)
     except tools.NotADataDir as e:
         _error(str(e))
         return EXIT_USAGE

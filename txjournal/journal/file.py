@@ -128,11 +128,19 @@ class FileJournal:
         last = len(segments) - 1
         salt: bytes | None = None
         #: Bytes of segments to read and read so far: progress for long replays.
-        self.progress_total = sum(self._fs.size(path) for _first, path in segments[start:])
+        try:
+            self.progress_total = sum(self._fs.size(path) for _first, path in segments[start:])
+        except OSError:
+            self.progress_total = 0  # a vanished segment is reported just below
         self.progress_done = 0
         for i in range(start, len(segments)):
             first, path = segments[i]
-            data = memoryview(self._fs.read(path))
+            try:
+                data = memoryview(self._fs.read(path))
+            except FileNotFoundError:
+                raise JournalCorrupt(
+                    path, 0, first, "segment disappeared while the journal was read"
+                ) from None
             try:
                 header = rec.decode_segment_header(data)
             except rec.BadSegmentHeader as e:
