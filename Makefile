@@ -33,7 +33,8 @@ lint: venv
 	$(BIN)/mypy
 
 bench: venv
-	$(BIN)/python bench/bench_core.py
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[bench]'
+	$(BIN)/python bench/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

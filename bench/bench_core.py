@@ -3,8 +3,9 @@
 Core benchmark: txjournal against bare ``write`` + ``fdatasync`` loops, in
 one run, on this machine's disk.
 
-    .venv/bin/python bench/bench_core.py            # a minute or two
+    .venv/bin/python bench/bench_core.py            # about a minute
     .venv/bin/python bench/bench_core.py --quick    # under 30 s
+    .venv/bin/python bench/bench_core.py --replay-count 2000000
 
 Measures, each on a fresh directory under ``var/`` (same disk as the repo;
 never tmpfs):
@@ -16,13 +17,17 @@ never tmpfs):
   p50/p99 latency, batches written and mean batch size;
 - txjournal ``sync=False`` (UNSAFE: acknowledges before the disk has the
   data) with 1000 callers, for reference;
-- replay: a journal of N commands, then a cold start (``startService``:
-  open, replay and execute) and a decode-only pass (``FileJournal.replay``
-  + ``schema.decode``), with the page cache for the journal dropped first;
-- peak RSS.
+- replay: a journal of ``--replay-count`` commands (default 1,000,000; 100,000
+  with ``--quick``), then a cold start (``startService``: open, replay and
+  execute) in a fresh child process, whose peak RSS is reported, and a
+  decode-only pass (``FileJournal.replay`` + ``schema.decode``), with the page
+  cache for the journal dropped first; the cold start is repeated on a
+  journal of ``--replay-small-count`` commands (default a fifth) to show that
+  replay memory does not grow with the journal's length.
 
 Prints a table with every figure and its ratio to the relevant baseline and
 writes the same as JSON to ``bench/results/core-<timestamp>.json``.
+``bench/run_all.py`` runs this and the other parts side by side.
 """
 
 from __future__ import annotations
@@ -31,26 +36,35 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from twisted.internet.defer import ensureDeferred, gatherResults  # noqa: E402
-from twisted.internet.task import react  # noqa: E402
+from common import (
+    Result,
+    add_common_options,
+    announce,
+    current_rss_mib,
+    drop_cache,
+    finish_part,
+    latency_ms,
+    log,
+    machine_info,
+    peak_rss_mib,
+    run_child,
+    scratch_dir,
+)
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import react
 
-from examples.bank import Deposit, Transfer, bank  # noqa: E402
-from txjournal import JournalService  # noqa: E402
-from txjournal.journal.file import FileJournal  # noqa: E402
-from txjournal.record import encode_record  # noqa: E402
+from examples.bank import Deposit, Transfer, bank
+from txjournal import JournalService
+from txjournal.journal.file import FileJournal
+from txjournal.record import encode_record
 
 RECORD = b"x" * 99 + b"\n"  # the baselines' 100-byte record
 BATCH = 1000  # baseline B's records per write + fdatasync
@@ -63,58 +77,11 @@ class Settings:
     run_seconds: float
     callers: tuple[int, ...]
     replay_commands: int
+    replay_small_commands: int
 
 
-QUICK = Settings(1.5, 200, 1.5, (1, 10, 100, 1000), 30_000)
-FULL = Settings(5.0, 2000, 6.0, (1, 10, 100, 1000), 200_000)
-
-
-@dataclass
-class Result:
-    """One row of the table."""
-
-    key: str
-    label: str
-    count: int
-    seconds: float
-    rate: float  # records or commands per second
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    batches: int | None = None
-    mean_batch: float | None = None
-    safe: bool = True
-    note: str = ""
-    ratios: dict[str, float] = field(default_factory=dict)
-    peak_rss_kib: int = 0
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
-
-
-def latency_ms(latencies: list[float]) -> tuple[float, float]:
-    ordered = sorted(latencies)
-    return percentile(ordered, 50) * 1e3, percentile(ordered, 99) * 1e3
-
-
-def peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def drop_cache(directory: str) -> None:
-    """Ask the kernel to forget the (clean, synced) pages of every file under directory."""
-    for dirpath, _dirs, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+QUICK = Settings(1.5, 200, 1.5, (1, 10, 100, 1000), 100_000, 20_000)
+FULL = Settings(5.0, 2000, 6.0, (1, 10, 100, 1000), 1_000_000, 200_000)
 
 
 # -- baselines ---------------------------------------------------------------------
@@ -141,8 +108,8 @@ def baseline_a(directory: str, seconds: float) -> Result:
     p50, p99 = latency_ms(latencies)
     return Result(
         "baseline_a", "baseline A: write+fdatasync per 100 B record",
-        len(latencies), elapsed, len(latencies) / elapsed, p50, p99,
-        batches=len(latencies), mean_batch=1.0,
+        len(latencies), elapsed, len(latencies) / elapsed, p50, p99, max(latencies) * 1e3,
+        batches=len(latencies), mean_batch=1.0, group="baseline",
     )
 
 
@@ -166,7 +133,8 @@ def baseline_b(directory: str, batches: int) -> Result:
     count = batches * BATCH
     return Result(
         "baseline_b", f"baseline B: {BATCH} records per write+fdatasync",
-        count, elapsed, count / elapsed, p50, p99, batches=batches, mean_batch=float(BATCH),
+        count, elapsed, count / elapsed, p50, p99, max(latencies) * 1e3,
+        batches=batches, mean_batch=float(BATCH), group="baseline",
         note="latency = one batch's write+fdatasync",
     )
 
@@ -203,19 +171,20 @@ async def run_callers(directory: str, callers: int, seconds: float, sync: bool) 
     await gatherResults([ensureDeferred(caller(i)) for i in range(callers)])
     elapsed = clock() - start
     engine = service.engine
-    batches, records = engine.batches, engine.records
+    batches = getattr(engine, "batches", None)
+    records = getattr(engine, "records", None)
     applied = engine.applied_seq
     await service.stopService()
-    assert records == applied == len(latencies), (records, applied, len(latencies))
+    assert applied == len(latencies), (applied, len(latencies))
     p50, p99 = latency_ms(latencies)
-    label = f"txjournal sync=True, {callers} caller{'s' if callers > 1 else ''}"
+    label = f"txjournal in-process sync=True, {callers} caller{'s' if callers > 1 else ''}"
     if not sync:
-        label = f"txjournal sync=False (UNSAFE), {callers} callers"
+        label = f"txjournal in-process sync=False (UNSAFE), {callers} callers"
     return Result(
         f"tx_{'sync' if sync else 'nosync'}_{callers}", label,
-        len(latencies), elapsed, len(latencies) / elapsed, p50, p99,
-        batches=batches, mean_batch=records / batches if batches else 0.0,
-        safe=sync,
+        len(latencies), elapsed, len(latencies) / elapsed, p50, p99, max(latencies) * 1e3,
+        batches=batches, mean_batch=records / batches if batches and records else None,
+        rss_mib=peak_rss_mib(), safe=sync, group="in-process" if sync else "unsafe",
         note="" if sync else "acks before the data is durable; not a valid configuration",
     )
 
@@ -251,33 +220,50 @@ def write_journal(datadir: str, count: int) -> float:
     return time.perf_counter() - start
 
 
-async def replay_results(directory: str, count: int) -> list[Result]:
-    datadir = os.path.join(directory, "replay")
-    write_seconds = write_journal(datadir, count)
-    journal_bytes = sum(
-        os.path.getsize(os.path.join(datadir, "journal", n))
-        for n in os.listdir(os.path.join(datadir, "journal"))
-    )
-    results = [Result(
-        "replay_write", "  (journal written directly, 5000/batch)", count, write_seconds,
-        count / write_seconds, note=f"{journal_bytes / 1e6:.1f} MB on disk",
-    )]
+def journal_bytes(datadir: str) -> int:
+    path = os.path.join(datadir, "journal")
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
-    drop_cache(datadir)
+
+def child_cold_start(datadir: str, count: int) -> dict[str, Any]:
+    """In a fresh process: startService (replay + execute) on datadir; figures as JSON."""
     gc.collect()
+    rss_before = current_rss_mib()
     service = new_service(datadir, True)
     start = time.perf_counter()
     service.startService()
     elapsed = time.perf_counter() - start
-    assert service.replayed == count, (service.replayed, count)
+    peak = peak_rss_mib()
+    replayed = service.replayed
     total = service.query("total")
-    await service.stopService()
-    results.append(Result(
-        "replay_cold_start", "cold start: startService (replay + execute)", count, elapsed,
-        count / elapsed, note=f"page cache dropped first; model total {total}",
-        peak_rss_kib=peak_rss_kib(),
-    ))
+    accounts = len(service.model.accounts)
+    service.stopService()
+    assert replayed == count, (replayed, count)
+    return {
+        "seconds": elapsed, "replayed": replayed, "peak_rss_mib": peak,
+        "rss_before_mib": rss_before, "total": total, "accounts": accounts,
+    }
 
+
+def cold_start(datadir: str, count: int, key: str, timeout: float) -> Result:
+    drop_cache(datadir)
+    figures = run_child(
+        [os.path.abspath(__file__), "--child-cold-start", datadir, "--replay-count", str(count)],
+        timeout,
+    )
+    growth = figures["peak_rss_mib"] - figures["rss_before_mib"]
+    return Result(
+        key, f"replay {count:,}: cold start (startService) in a child",
+        count, figures["seconds"], count / figures["seconds"], rss_mib=figures["peak_rss_mib"],
+        group="replay",
+        note=(f"page cache dropped first; fresh process: {figures['rss_before_mib']:.1f} MiB "
+              f"before startService, peak {figures['peak_rss_mib']:.1f} MiB (+{growth:.1f}); "
+              f"model total {figures['total']} in {figures['accounts']} accounts"),
+        extra={"rss_growth_mib": growth, "rss_before_mib": figures["rss_before_mib"]},
+    )
+
+
+def decode_only(datadir: str, count: int, key: str) -> Result:
     drop_cache(datadir)
     gc.collect()
     start = time.perf_counter()
@@ -289,179 +275,113 @@ async def replay_results(directory: str, count: int) -> list[Result]:
         decode(r.name, r.version, r.fields)
         n += 1
     elapsed = time.perf_counter() - start
+    journal.close()
     assert n == count
-    results.append(Result(
-        "replay_decode_only", "decode only: FileJournal.replay + schema.decode", count,
-        elapsed, count / elapsed, note="page cache dropped first", peak_rss_kib=peak_rss_kib(),
-    ))
+    return Result(
+        key, f"replay {count:,}: decode only (FileJournal.replay+decode)", count,
+        elapsed, count / elapsed, group="replay", note="page cache dropped first",
+    )
 
+
+def frames_only(datadir: str, count: int, key: str) -> Result:
     start = time.perf_counter()
     journal = FileJournal(os.path.join(datadir, "journal"), readonly=True)
     journal.open()
     n = sum(1 for _ in journal.replay())
     elapsed = time.perf_counter() - start
+    journal.close()
     assert n == count
+    return Result(
+        key, f"replay {count:,}: frames only (CRC, no decode)", count,
+        elapsed, count / elapsed, group="replay", note="page cache warm",
+    )
+
+
+def replay_results(directory: str, count: int, small: int) -> list[Result]:
+    results = []
+    timeout = 120 + count / 20_000  # even at 20,000/s it ends
+    datadir = os.path.join(directory, "replay")
+    seconds = write_journal(datadir, count)
+    size = journal_bytes(datadir)
     results.append(Result(
-        "replay_frames_only", "frames only: FileJournal.replay (CRC, no decode)", count,
-        elapsed, count / elapsed, note="page cache warm", peak_rss_kib=peak_rss_kib(),
+        "replay_write", f"replay {count:,}: journal written directly, 5000/batch",
+        count, seconds, count / seconds, group="replay",
+        note=f"{size / 1e6:.1f} MB on disk, {size / count:.0f} B/record",
     ))
+    results.append(cold_start(datadir, count, "replay_cold_start", timeout))
+    results.append(decode_only(datadir, count, "replay_decode_only"))
+    results.append(frames_only(datadir, count, "replay_frames_only"))
+    shutil.rmtree(datadir, ignore_errors=True)
+    if small:
+        datadir = os.path.join(directory, "replay-small")
+        write_journal(datadir, small)
+        results.append(cold_start(datadir, small, "replay_cold_start_small", timeout))
+        results.append(decode_only(datadir, small, "replay_decode_only_small"))
+        shutil.rmtree(datadir, ignore_errors=True)
     return results
-
-
-# -- report -------------------------------------------------------------------------
-
-
-def add_ratios(results: dict[str, Result]) -> None:
-    a, b = results["baseline_a"], results["baseline_b"]
-    for key, r in results.items():
-        if key.startswith("tx_"):
-            r.ratios["rate/A"] = r.rate / a.rate
-            r.ratios["rate/B"] = r.rate / b.rate
-            if r.p50_ms is not None and a.p50_ms:
-                r.ratios["p50/A p50"] = r.p50_ms / a.p50_ms
-            if r.p99_ms is not None and a.p99_ms:
-                r.ratios["p99/A p99"] = r.p99_ms / a.p99_ms
-        elif key == "baseline_b":
-            r.ratios["rate/A"] = r.rate / a.rate
-    decode = results.get("replay_decode_only")
-    frames = results.get("replay_frames_only")
-    cold = results.get("replay_cold_start")
-    if decode and cold:
-        cold.ratios["rate/decode"] = cold.rate / decode.rate
-    if decode and frames:
-        decode.ratios["rate/frames"] = decode.rate / frames.rate
-
-
-def fmt(value: float | int | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    return format(value, spec)
-
-
-def print_table(results: dict[str, Result], info: dict[str, Any]) -> None:
-    print()
-    print(f"txjournal core benchmark ({info['mode']}): {info['machine']}")
-    print(f"directory {info['directory']} on {info['device']} ({info['fstype']})")
-    before = "/".join(f"{x:.2f}" for x in info["loadavg_before"])
-    after = "/".join(f"{x:.2f}" for x in info["loadavg_after"])
-    print(f"load average before {before}, after {after} (other work on the machine skews figures)")
-    head = (
-        f"{'':53} {'count':>8} {'secs':>6} {'per s':>9} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'batches':>8} {'mean b':>7} {'RSS MiB':>7}  ratios"
-    )
-    print(head)
-    print("-" * (len(head) + 40))
-    for r in results.values():
-        ratios = "  ".join(f"{k} {v:.3g}" for k, v in r.ratios.items())
-        print(
-            f"{r.label:53} {r.count:>8} {r.seconds:>6.2f} {r.rate:>9,.0f} "
-            f"{fmt(r.p50_ms, '7.3f'):>7} {fmt(r.p99_ms, '7.3f'):>7} "
-            f"{fmt(r.batches, 'd'):>8} {fmt(r.mean_batch, '7.1f'):>7} "
-            f"{r.peak_rss_kib / 1024:>7.1f}  {ratios}"
-        )
-    notes = [f"  {r.key}: {r.note}" for r in results.values() if r.note]
-    if notes:
-        print("notes:")
-        print("\n".join(notes))
-    print(f"peak RSS of the whole run: {info['peak_rss_kib'] / 1024:.1f} MiB "
-          "(RSS MiB column: peak so far after each row)")
-    print(
-        "ratios: rate/A = throughput / baseline A records/s; rate/B = / baseline B "
-        "records/s;\n        p50/A p50, p99/A p99 = latency / baseline A per-record "
-        "latency;\n        rate/decode = cold start / decode only; rate/frames = "
-        "decode only / frames only"
-    )
-
-
-def machine_info(directory: str, mode: str) -> dict[str, Any]:
-    st = os.stat(directory)
-    device, fstype = "?", "?"
-    best = ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fs = line.split()[:3]
-            if (directory + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
-                best, device, fstype = mnt, dev, fs
-    return {
-        "mode": mode,
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Linux {platform.release()}, Python {platform.python_version()}",
-        "cpus": os.cpu_count(),
-        "python": sys.version,
-        "platform": platform.platform(),
-        "directory": directory,
-        "device": device,
-        "fstype": fstype,
-        "st_dev": st.st_dev,
-        "loadavg_before": os.getloadavg(),
-    }
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     settings = QUICK if args.quick else FULL
-    base = args.dir or os.path.join(ROOT, "var")
-    os.makedirs(base, exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="bench-core-", dir=base)
+    if args.replay_count is not None:
+        settings.replay_commands = args.replay_count
+        settings.replay_small_commands = args.replay_count // 5
+    if args.replay_small_count is not None:
+        settings.replay_small_commands = args.replay_small_count
+    directory = scratch_dir(args.dir, "bench-core-")
     info = machine_info(directory, "quick" if args.quick else "full")
-    if info["fstype"] in ("tmpfs", "ramfs"):
-        raise SystemExit(f"{directory} is on {info['fstype']}: fsync would measure nothing")
-    results: dict[str, Result] = {}
+    results: list[Result] = []
 
     def done(r: Result) -> None:
-        r.peak_rss_kib = r.peak_rss_kib or peak_rss_kib()
-        results[r.key] = r
-        rate = f"{r.rate:,.0f}/s"
-        lat = f", p50 {r.p50_ms:.3f} ms" if r.p50_ms is not None else ""
-        print(f"  {r.label}: {rate}{lat}", file=sys.stderr, flush=True)
+        if r.rss_mib is None and r.group != "replay":
+            r.rss_mib = peak_rss_mib()
+        results.append(r)
+        announce(r)
 
     started = time.perf_counter()
+    log(f"core: baselines and in-process txjournal in {directory}")
     try:
         done(baseline_a(directory, settings.baseline_a_seconds))
         done(baseline_b(directory, settings.baseline_b_batches))
         for callers in settings.callers:
             done(await run_callers(directory, callers, settings.run_seconds, sync=True))
-        done(await run_callers(directory, 1000, settings.run_seconds, sync=False))
-        for r in await replay_results(directory, settings.replay_commands):
-            done(r)
+        if not args.no_unsafe:
+            done(await run_callers(directory, 1000, settings.run_seconds, sync=False))
+        if settings.replay_commands:
+            log(f"core: replay of {settings.replay_commands:,} and "
+                f"{settings.replay_small_commands:,} commands")
+            for r in replay_results(
+                directory, settings.replay_commands, settings.replay_small_commands
+            ):
+                done(r)
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
-    info["total_seconds"] = time.perf_counter() - started
-    info["peak_rss_kib"] = peak_rss_kib()
-    info["loadavg_after"] = os.getloadavg()
-    add_ratios(results)
-    print_table(results, info)
-
-    out_dir = os.path.join(ROOT, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    out = os.path.join(out_dir, f"core-{stamp}.json")
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "benchmark": "core",
-                "timestamp": stamp,
-                "settings": asdict(settings),
-                "info": info,
-                "results": {k: asdict(r) for k, r in results.items()},
-            },
-            f,
-            indent=2,
-        )
-        f.write("\n")
-    print(f"total {info['total_seconds']:.1f} s; results written to {out}")
+    info["peak_rss_mib"] = peak_rss_mib()
+    finish_part("core", "core", args, asdict(settings), info, results, [], started)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small counts, under 30 s")
+    add_common_options(parser)
     parser.add_argument(
-        "--dir", help="parent of the scratch directory (default: var/ in the checkout)"
+        "--replay-count", type=int, metavar="N",
+        help="commands in the replay journal (default 1,000,000; --quick 100,000; 0: no replay)",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--replay-small-count", type=int, metavar="N",
+        help="commands in the second, shorter replay journal (default a fifth; 0: none)",
+    )
+    parser.add_argument(
+        "--no-unsafe", action="store_true", help="skip the sync=False reference row"
+    )
+    parser.add_argument("--child-cold-start", metavar="DATADIR", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
-    react(lambda reactor: ensureDeferred(main(reactor, arguments)))
+    if arguments.child_cold_start:
+        print(json.dumps(child_cold_start(arguments.child_cold_start, arguments.replay_count)))
+    else:
+        react(lambda reactor: ensureDeferred(main(reactor, arguments)))

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""
+Snapshot of a big model: how long it takes and how long it stalls the reactor.
+
+    .venv/bin/python bench/bench_snapshot.py [--quick] [--snapshot-mib 1024]
+
+Builds a model of about ``--snapshot-mib`` MiB (default 1024; 64 with
+``--quick``) directly in memory: ``{"customers": {...}, "touched": 0}``, whose
+``customers`` dict maps ``"cust000001234"`` to a tuple ``(id, "Customer 1234",
+balance, tier)`` (ints and a str), about 300 bytes of Python objects per
+entry, so about 3.5 million entries per GiB. Entries are added until the
+process's RSS has grown by the requested size, then ``gc.collect()`` (which
+untracks the tuples of atomic values, as it would in a long-running server).
+
+A ``JournalService`` (``sync=True``) is started on a fresh directory under
+``var/`` with a schema whose model factory returns that model, one command
+is executed (so there is something to snapshot), and:
+
+- idle: a ``LoopingCall`` heartbeat every 1 ms records the gaps between its
+  ticks for a second, while one caller executes small commands in a loop;
+- snapshot: the same heartbeat and caller while ``JournalService.snapshot()``
+  runs; the longest gap is the longest the reactor was stalled, and the
+  caller's latencies show whether commands kept flowing;
+- baseline: a bare ``pickle.dumps`` of the same model on the reactor thread
+  (what a naive snapshot would stall for).
+
+Runs alone in its own process; ``run_all.py`` starts it as a child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (
+    Result,
+    add_common_options,
+    announce,
+    current_rss_mib,
+    dir_bytes,
+    finish_part,
+    latency_ms,
+    log,
+    machine_info,
+    peak_rss_mib,
+    percentile,
+    scratch_dir,
+)
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall, deferLater, react
+
+from txjournal import Context, JournalService, Schema
+
+_MODEL: list[dict[str, Any]] = []
+
+snapschema: Schema[dict[str, Any]] = Schema("benchsnapshot", model=lambda: _MODEL[0])
+
+
+@snapschema.command("touch")
+@dataclass
+class Touch:
+    """Record that something happened; returns the sequence number."""
+
+    n: int
+
+    def execute(self, model: dict[str, Any], ctx: Context) -> int:
+        model["touched"] = self.n
+        return ctx.seq
+
+
+@dataclass
+class Settings:
+    model_mib: int
+    idle_seconds: float
+    heartbeat_ms: float
+
+
+QUICK = Settings(64, 0.5, 1.0)
+FULL = Settings(1024, 1.0, 1.0)
+
+
+def build_model(mib: int) -> tuple[dict[str, Any], int, float, float]:
+    """The model, its entries, its measured size in MiB and the seconds it took."""
+    gc.collect()
+    start_rss = current_rss_mib()
+    started = time.perf_counter()
+    customers: dict[str, tuple[int, str, int, int]] = {}
+    i = 0
+    step = 20_000
+    while current_rss_mib() - start_rss < mib:
+        for j in range(i, i + step):
+            customers[f"cust{j:09d}"] = (j, f"Customer {j}", (j * 7919) % 100_000 + 1000, j % 50)
+        i += step
+    model = {"customers": customers, "touched": 0}
+    gc.collect()
+    return model, i, current_rss_mib() - start_rss, time.perf_counter() - started
+
+
+class Heartbeat:
+    """A LoopingCall that records (previous tick, this tick) for every tick."""
+
+    def __init__(self, interval: float) -> None:
+        self.ticks: list[tuple[float, float]] = []
+        self._last = 0.0
+        self._loop = LoopingCall(self._tick)
+        self.interval = interval
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.ticks.append((self._last, now))
+        self._last = now
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def gaps_ms(self, t0: float, t1: float) -> list[float]:
+        """Gaps ending after t0 and starting before t1, in ms, sorted."""
+        return sorted((b - a) * 1e3 for a, b in self.ticks if b > t0 and a < t1)
+
+
+class Caller:
+    """One caller executing Touch in a loop; latencies with their end times."""
+
+    def __init__(self, service: JournalService[Any]) -> None:
+        self.service = service
+        self.samples: list[tuple[float, float]] = []  # (end, latency)
+        self.running = True
+        self.done: Deferred[None] = ensureDeferred(self._loop())
+
+    async def _loop(self) -> None:
+        from twisted.internet import reactor
+
+        clock = time.perf_counter
+        n = 0
+        while self.running:
+            n += 1
+            t0 = clock()
+            await self.service.execute(Touch(n))
+            t1 = clock()
+            self.samples.append((t1, t1 - t0))
+            # ~1000 commands/s: traffic, without hogging the reactor
+            await deferLater(reactor, 0.001, lambda: None)
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [lat for end, lat in self.samples if t0 < end and end - lat < t1]
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    settings = QUICK if args.quick else FULL
+    if args.snapshot_mib:
+        settings.model_mib = args.snapshot_mib
+    directory = scratch_dir(args.dir, "bench-snapshot-")
+    info = machine_info(directory, "quick" if args.quick else "full")
+    started = time.perf_counter()
+    results: list[Result] = []
+    mib = settings.model_mib
+    try:
+        log(f"snapshot: building a model of about {mib} MiB")
+        model, entries, model_mib, build_seconds = build_model(mib)
+        _MODEL.append(model)
+        log(f"snapshot: {entries:,} entries, RSS grew {model_mib:.0f} MiB in {build_seconds:.1f} s")
+        datadir = os.path.join(directory, "data")
+        service = JournalService(snapschema, datadir=datadir, sync=True,
+                                 snapshot_interval=None, snapshot_on_stop=False,
+                                 keep_snapshots=1)
+        service.startService()
+        assert service.model is model
+        await service.execute(Touch(0))
+
+        heartbeat = Heartbeat(settings.heartbeat_ms / 1e3)
+        heartbeat.start()
+        caller = Caller(service)
+        idle_t0 = time.perf_counter()
+        await deferLater(reactor, settings.idle_seconds, lambda: None)
+        idle_t1 = time.perf_counter()
+
+        snap_t0 = time.perf_counter()
+        seq = await service.snapshot()
+        snap_t1 = time.perf_counter()
+        await deferLater(reactor, 0.05, lambda: None)
+        caller.running = False
+        await caller.done
+        heartbeat.stop()
+        snap_bytes = dir_bytes(os.path.join(datadir, "snapshots"))
+        await service.stopService()
+
+        common_extra = {"model_mib": round(model_mib), "entries": entries}
+        # a gap that spans the end of the idle second counts for the snapshot only
+        idle = sorted((b - a) * 1e3 for a, b in heartbeat.ticks if idle_t0 < b <= idle_t1)
+        idle_lat = caller.between(idle_t0, idle_t1)
+        results.append(Result(
+            "snapshot_idle", f"snapshot {mib} MiB: idle heartbeat (1 ms LoopingCall)",
+            len(idle), idle_t1 - idle_t0, None, percentile(idle, 50), percentile(idle, 99),
+            idle[-1] if idle else None, group="snapshot",
+            note="gaps between 1 ms heartbeat ticks, one caller executing commands meanwhile",
+            extra=common_extra,
+        ))
+        gaps = heartbeat.gaps_ms(snap_t0, snap_t1)
+        during = caller.between(snap_t0, snap_t1)
+        p50c, p99c = latency_ms(during) if during else (float("nan"), float("nan"))
+        results.append(Result(
+            "snapshot", f"snapshot {mib} MiB: JournalService.snapshot()",
+            1, snap_t1 - snap_t0, None, percentile(gaps, 50), percentile(gaps, 99),
+            gaps[-1] if gaps else None, group="snapshot",
+            note=(f"model: {entries:,} customer tuples, {model_mib:.0f} MiB of RSS, built in "
+                  f"{build_seconds:.1f} s; snapshot at seq {seq}: {snap_bytes / 2**20:.0f} MiB "
+                  f"on disk; p50/p99/max ms = heartbeat gaps during the snapshot"),
+            extra=dict(common_extra, snapshot_bytes=snap_bytes, commands_during=len(during),
+                       command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
+        ))
+        results.append(Result(
+            "snapshot_commands", f"snapshot {mib} MiB: commands during the snapshot",
+            len(during), snap_t1 - snap_t0, len(during) / (snap_t1 - snap_t0), p50c, p99c,
+            max(during, default=0) * 1e3, group="snapshot",
+            note=(f"one caller executing a small command about every ms; latency while idle "
+                  f"p50 {latency_ms(idle_lat)[0]:.2f} ms, max "
+                  f"{max(idle_lat, default=0) * 1e3:.1f} ms"),
+            extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
+        ))
+        for r in results:
+            announce(r)
+
+        gc.collect()
+        t0 = time.perf_counter()
+        payload = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        elapsed = time.perf_counter() - t0
+        size = len(payload)
+        del payload
+        r = Result(
+            "snapshot_pickle", f"snapshot {mib} MiB: bare pickle.dumps (blocking)",
+            1, elapsed, None, max_ms=elapsed * 1e3, group="snapshot", rss_mib=peak_rss_mib(),
+            note=f"{size / 2**20:.0f} MiB of pickle; a snapshot taken this way on the reactor "
+                 f"thread stalls it for max ms",
+            extra=common_extra,
+        )
+        results.append(r)
+        announce(r)
+        for r in results:
+            r.rss_mib = peak_rss_mib()
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    info["peak_rss_mib"] = peak_rss_mib()
+    finish_part("snapshot", "snapshot", args, asdict(settings), info, results, [], started)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_common_options(parser)
+    parser.add_argument("--snapshot-mib", type=int, metavar="MIB",
+                        help="model size in MiB (default 1024; --quick 64)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    react(lambda reactor: ensureDeferred(main(reactor, arguments)))
