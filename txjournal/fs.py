@@ -79,7 +79,7 @@ class OSFileSystem:
         os.makedirs(path, mode=DIR_MODE, exist_ok=True)
 
 
-def write_all(fs: IFileSystem, fd: int, data: bytes) -> None:
+def write_all(fs: IFileSystem, fd: int, data: bytes | memoryview) -> None:
     """Write every byte, looping over short writes (which are legal)."""
     view = memoryview(data)
     while view:
