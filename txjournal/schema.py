@@ -11,6 +11,7 @@ read without trusting it to run code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import random
@@ -425,7 +426,10 @@ class Schema(Generic[M]):
         return {"schema": self.name, "commands": commands, "queries": queries}
 
 
+@functools.lru_cache(maxsize=1024)
 def _hints(obj: Any) -> dict[str, Any]:
+    # Cached: with postponed annotations every call compiles and evaluates
+    # the annotation strings, which cost more than the rest of a remote call.
     try:
         return typing.get_type_hints(obj)
     except Exception:
