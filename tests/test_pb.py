@@ -414,9 +414,10 @@ async def test_unexpected_errors_carry_no_traceback(harness: Harness) -> None:
     avatar = await harness.login("alice", "alice-pw")
     e = await remote_failure(avatar.callRemote("no_such_method"))
     assert e.remoteTraceback == "Traceback unavailable\n"
-    # Wrong arity is a TypeError inside PB: also without traceback.
+    assert_remote(e, RemoteArgumentError, "no_such_method")
+    # Wrong arity is a TypeError inside PB: a short pb.Error, no traceback.
     e = await remote_failure(avatar.callRemote("execute", "deposit", {}, "extra", "args"))
-    assert e.remoteType == b"builtins.TypeError"
+    assert_remote(e, RemoteArgumentError, "TypeError")
     assert e.remoteTraceback == "Traceback unavailable\n"
     # The connection is still good.
     assert await avatar.callRemote("query", "total", {}) == 0
@@ -487,14 +488,14 @@ def test_basic_types_still_unjelly() -> None:
 async def test_client_classes_are_refused(harness: Harness, sneaky_registered: Any) -> None:
     avatar = await harness.login("alice", "alice-pw")
     e = await remote_failure(avatar.callRemote("execute", "deposit", {"account": Sneaky(), "amount": 1}))
-    assert e.remoteType == b"twisted.spread.jelly.InsecureJelly"
+    assert_remote(e, RemoteArgumentError, "InsecureJelly")
     e = await remote_failure(avatar.callRemote("query", Sneaky(), {}))
-    assert e.remoteType == b"twisted.spread.jelly.InsecureJelly"
+    assert_remote(e, RemoteArgumentError, "InsecureJelly")
     assert instantiated == []
     assert harness.service.engine.last_seq == 0
     # Sets are not plain either; the connection survives all of it.
     e = await remote_failure(avatar.callRemote("execute", "deposit", {"account": "a", "amount": {1}}))
-    assert e.remoteType == b"twisted.spread.jelly.InsecureJelly"
+    assert_remote(e, RemoteArgumentError, "InsecureJelly")
     assert await avatar.callRemote("execute", "deposit", {"account": "a", "amount": 1}) == 1
 
 
@@ -504,7 +505,7 @@ async def test_cyclic_arguments_are_refused(harness: Harness) -> None:
     cycle: list[Any] = []
     cycle.append(cycle)
     e = await remote_failure(avatar.callRemote("execute", "deposit", {"account": "a", "amount": cycle}))
-    assert_remote(e, RemoteArgumentError, "nested more than")
+    assert_remote(e, RemoteArgumentError, "repeats a list or dict by reference")
     assert harness.service.engine.last_seq == 0
 
 
@@ -587,3 +588,32 @@ def test_check_plain_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_avatar_repr() -> None:
     assert "alice" in repr(JournalAvatar(None, "alice", "rw"))  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_calls_log_one_line_not_a_traceback(harness: Harness) -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        avatar = await harness.login("alice", "alice-pw")
+        for _ in range(3):
+            await remote_failure(avatar.callRemote("x" * 1000))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "Traceback" not in text and "Peer will receive" not in text
+    assert text.count("Refused a malformed PB call") == 3
+    assert len(text) < 3000
+
+
+@pytest_twisted.ensureDeferred
+async def test_arguments_repeating_a_list_by_reference_are_refused(harness: Harness) -> None:
+    avatar = await harness.login("alice", "alice-pw")
+    shared = [1, 2]
+    e = await remote_failure(
+        avatar.callRemote("execute", "deposit", {"account": "a", "amount": [shared, shared]})
+    )
+    assert_remote(e, RemoteArgumentError, "repeats a list or dict by reference")
+    assert harness.service.engine.last_seq == 0

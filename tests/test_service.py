@@ -510,3 +510,25 @@ def test_audit_refused_after_write_failure(manual_runner: ManualRunner) -> None:
     svc.execute(Deposit("a", 1))
     manual_runner.release()
     assert outcome(svc.query_as("bob", "total", {})).check(JournalFailed)
+
+
+def test_command_too_big_for_a_record_is_refused_before_writing() -> None:
+    from txjournal import record as rec
+
+    schema: Schema[list[Any]] = Schema("blobs", model=list)
+
+    @schema.command("put")
+    @dataclass
+    class Put:
+        blob: bytes
+
+        def execute(self, model: list[Any], ctx: Context) -> int:
+            model.append(len(self.blob))
+            return len(self.blob)
+
+    journal = MemoryJournal()
+    svc = make(journal, schema=schema)
+    f = outcome(svc.execute(Put(b"x" * rec.MAX_RECORD_SIZE)))
+    assert f.check(CommandEncodeError) and "over the limit" in str(f.value)
+    assert journal.appends == 0 and svc.model == []
+    assert outcome(svc.execute(Put(b"x"))) == 1

@@ -427,3 +427,74 @@ def test_long_replay_reports_progress(tmp_path: Any, captured: list[Any], monkey
     assert "8192 records done" in lines[0] and "%" in lines[0] and "left" in lines[0]
     assert again.query("balance", account="a") == 8192 * 2
     again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_last_record_is_kept_aside_or_refused_under_a_snapshot(
+    tmp_path: Any, captured: list[Any]
+) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_on_stop=False)
+    for _ in range(3):
+        await svc.execute(Deposit("a", 1))
+    await svc.stopService()
+    path = os.path.join(datadir, "journal", segment_name(1))
+    original = open(path, "rb").read()
+    damaged = bytearray(original)
+    damaged[-3] ^= 0xFF  # inside the last, complete record
+    with open(path, "wb") as f:
+        f.write(damaged)
+    # No snapshot covers it: cut off like a torn write, but its bytes are kept
+    # and the operator is told it may have been acknowledged.
+    again = start(datadir, snapshot_on_stop=False)
+    assert again.query("balance", account="a") == 2
+    aside = [n for n in os.listdir(os.path.join(datadir, "journal")) if ".damaged-tail-" in n]
+    assert len(aside) == 1
+    offset = int(aside[0].rsplit("-", 1)[1])
+    with open(os.path.join(datadir, "journal", aside[0]), "rb") as f:
+        assert f.read() == bytes(damaged[offset:])
+    assert os.path.getsize(path) == offset
+    assert "may have been acknowledged" in texts(captured)
+    await again.execute(Deposit("a", 1))
+    assert await again.snapshot() == 3
+    await again.stopService()
+    # Under a snapshot, the record was certainly acknowledged: refuse, cut nothing.
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[-3] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(JournalCorrupt, match="a snapshot covers sequence number 3"):
+        start(datadir)
+    assert os.path.getsize(path) == len(data)
+
+
+def test_lock_holder_note_is_best_effort(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from txjournal.lock import DataDirLock
+
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    lock = DataDirLock(str(tmp_path))
+    lock.acquire()  # a full disk must not stop the restart that recovers the journal
+    other = DataDirLock(str(tmp_path))
+    with pytest.raises(DataDirLocked):
+        other.acquire()
+    lock.release()
+    other.acquire()
+    other.release()
+
+
+@pytest.mark.parametrize("make_bad", ["datadir_is_file", "lock_is_dir"])
+def test_unusable_datadir_gives_a_clear_error(tmp_path: Any, make_bad: str) -> None:
+    datadir = tmp_path / "bank"
+    if make_bad == "datadir_is_file":
+        datadir.write_text("not a directory")
+        match = "is not a directory"
+    else:
+        datadir.mkdir(mode=0o700)
+        (datadir / "LOCK").mkdir()
+        match = "cannot be opened"
+    with pytest.raises(UnsafeDataDir, match=match):
+        start(str(datadir))

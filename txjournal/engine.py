@@ -163,6 +163,14 @@ class Engine(Generic[M]):
             user_bytes = user.encode("utf-8") if user else b""
             if len(user_bytes) > 255:
                 raise InvalidArguments(f"user name {user!r} is longer than 255 bytes")
+            body_size = rec.BODY_HEAD_SIZE + len(ctype.name_bytes) + len(user_bytes) + len(payload)
+            if body_size > rec.MAX_RECORD_SIZE:
+                # Replay treats a longer record as damage: refuse it now, before
+                # it is written and acknowledged, not after a restart.
+                raise InvalidArguments(
+                    f"its record would be {body_size} bytes, over the limit of "
+                    f"{rec.MAX_RECORD_SIZE} bytes"
+                )
         except InvalidArguments as e:
             return fail(CommandEncodeError(
                 f"command {ctype.name!r} does not survive encoding: {e}"
@@ -194,6 +202,12 @@ class Engine(Generic[M]):
         user_bytes = user.encode("utf-8") if user else b""
         if len(user_bytes) > 255:
             return fail(InvalidArguments(f"user name {user!r} is longer than 255 bytes"))
+        body_size = rec.BODY_HEAD_SIZE + len(name_bytes) + len(user_bytes) + len(arguments)
+        if body_size > rec.MAX_RECORD_SIZE:
+            return fail(InvalidArguments(
+                f"the query's audit record would be {body_size} bytes, over the limit of "
+                f"{rec.MAX_RECORD_SIZE} bytes"
+            ))
         return self._append(None, name_bytes, 1, arguments, user, user_bytes, rec.KIND_QUERY)
 
     def _append(

@@ -8,6 +8,8 @@ start-up time, with nothing but the message to go on.
 
 from __future__ import annotations
 
+import os
+
 
 class TxJournalError(Exception):
     """Base class of every error txjournal raises on purpose."""
@@ -114,7 +116,8 @@ class DataDirLocked(TxJournalError):
         self.path = path
         self.holder = holder
         super().__init__(
-            f"data directory {path} is locked by another owner ({holder})"
+            f"data directory {os.path.dirname(path)} is locked by another process or "
+            f"service ({holder}; lock file {path})"
         )
 
 

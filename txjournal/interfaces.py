@@ -79,11 +79,13 @@ class IJournal(Interface):
     def open() -> None:
         """Find the journal's parts and check they fit together."""
 
-    def replay(from_seq: int):  # type: ignore[no-untyped-def]
+    def replay(from_seq: int, keep_through: int):  # type: ignore[no-untyped-def]
         """
         Yield every :class:`txjournal.record.Record` with ``seq >= from_seq``
         in order, verifying checksums and density, cutting off a torn tail
-        and raising :class:`txjournal.errors.JournalCorrupt` on damage.
+        and raising :class:`txjournal.errors.JournalCorrupt` on damage. A
+        bad record at or below ``keep_through`` (covered by a snapshot, so
+        acknowledged) is damage, never a torn tail.
         """
 
     def append(data: bytes, first_seq: int, last_seq: int) -> None:

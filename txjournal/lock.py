@@ -12,7 +12,7 @@ import fcntl
 import os
 import socket
 
-from txjournal.errors import DataDirLocked
+from txjournal.errors import DataDirLocked, UnsafeDataDir
 from txjournal.fs import FILE_MODE
 
 
@@ -26,7 +26,12 @@ class DataDirLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as e:
+            raise UnsafeDataDir(
+                f"lock file {self.path} cannot be opened for writing: {e.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -39,8 +44,13 @@ class DataDirLock:
             os.close(fd)
             raise
         info = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
+        try:
+            # Only a hint for DataDirLocked messages: a full disk must not stop
+            # the restart that recovers the journal.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+        except OSError:
+            pass
         self._fd = fd
 
     def release(self) -> None:

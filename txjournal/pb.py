@@ -210,7 +210,7 @@ class _NotPlain(Exception):
         super().__init__(f"{where} {why}")
 
 
-def check_plain(value: object, where: str = "value") -> None:
+def check_plain(value: object, where: str = "value", *, shared_ok: bool = True) -> None:
     """
     Check that ``value`` is a plain value PB can send and the schema accepts.
 
@@ -224,12 +224,14 @@ def check_plain(value: object, where: str = "value") -> None:
     """
     budget = [MAX_NODES]
     try:
-        _check_plain(value, where, 0, budget)
+        _check_plain(value, where, 0, budget, None if shared_ok else set())
     except _NotPlain as e:
         raise ValueError(str(e)) from None
 
 
-def _check_plain(value: object, where: str, depth: int, budget: list[int]) -> None:
+def _check_plain(
+    value: object, where: str, depth: int, budget: list[int], seen: set[int] | None = None
+) -> None:
     budget[0] -= 1
     if budget[0] < 0:
         raise _NotPlain(where, f"makes the whole hold more than {MAX_NODES} values")
@@ -250,21 +252,28 @@ def _check_plain(value: object, where: str, depth: int, budget: list[int]) -> No
         if len(value) > limit:
             raise _NotPlain(where, f"is a bytes value longer than PB's limit of {limit} bytes")
         return
+    if seen is not None and kind in (list, tuple, dict):
+        # Jelly references let a message of a few bytes name the same list
+        # millions of times; arguments must be trees, so the check (and the
+        # journal encoding after it) costs what the message weighs.
+        if id(value) in seen:
+            raise _NotPlain(where, "repeats a list or dict by reference; send each value once")
+        seen.add(id(value))
     if kind is list or kind is tuple:
         assert isinstance(value, (list, tuple))
         # Jelly sends a list as ["list", item, ...]: one more item than it holds.
         if len(value) + 1 > limit:
             raise _NotPlain(where, f"has more than PB's limit of {limit - 1} items")
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]", depth + 1, budget)
+            _check_plain(item, f"{where}[{i}]", depth + 1, budget, seen)
         return
     if kind is dict:
         assert isinstance(value, dict)
         if len(value) + 1 > limit:
             raise _NotPlain(where, f"has more than PB's limit of {limit - 1} items")
         for k, v in value.items():
-            _check_plain(k, f"{where} key {k!r:.40}", depth + 1, budget)
-            _check_plain(v, f"{where}[{k!r:.40}]", depth + 1, budget)
+            _check_plain(k, f"{where} key {k!r:.40}", depth + 1, budget, seen)
+            _check_plain(v, f"{where}[{k!r:.40}]", depth + 1, budget, seen)
         return
     raise _NotPlain(where, f"is a {kind.__qualname__}, not a plain value")
 
@@ -301,7 +310,7 @@ def _check_call(name: object, kwargs: object, kind: str) -> tuple[str, dict[str,
                 f"argument names of {kind} {name!r} must be strings, got {key!r:.80}"
             )
     try:
-        check_plain(kwargs, "arguments")
+        check_plain(kwargs, "arguments", shared_ok=False)
     except ValueError as e:
         raise RemoteArgumentError(f"{kind} {name!r}: {e}") from None
     return name, kwargs
@@ -561,6 +570,37 @@ class BasicTypesOnly(jelly.SecurityOptions):
         return False
 
 
+class _Quiet:
+    """Wraps a PB target so that malformed calls fail with a short pb.Error."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        try:
+            return self._target.remoteMessageReceived(broker, message, args, kw)
+        except pb.Error:
+            raise
+        except (jelly.InsecureJelly, AttributeError, TypeError) as e:
+            # Anyone who can connect can send these, logged in or not: one
+            # short line each, never PB's full traceback.
+            text = _shorten(f"{type(e).__name__}: {e}")[:300]
+            log.info("Refused a malformed PB call {message!r:.60}: {error}", message=message, error=text)
+            raise RemoteArgumentError(f"refused call {message[:60]!r}: {text}") from None
+
+
+class QuietBroker(pb.Broker):
+    """A PB broker that answers malformed calls without logging tracebacks."""
+
+    def _recvMessage(self, findObjMethod: Any, requestID: Any, objectID: Any, message: Any,
+                     answerRequired: Any, netArgs: Any, netKw: Any) -> None:
+        def find(object_id: Any) -> Any:
+            target = findObjMethod(object_id)
+            return None if target is None else _Quiet(target)
+
+        super()._recvMessage(find, requestID, objectID, message, answerRequired, netArgs, netKw)
+
+
 def make_portal(service: JournalService[Any], users: Users) -> JournalPortal:
     """The portal for ``service``: the users file checker only, no anonymous access."""
     return JournalPortal(JournalRealm(service, users), [UsersChecker(users)])
@@ -574,6 +614,8 @@ def pb_factory(service: JournalService[Any], users: Users) -> pb.PBServerFactory
     Tracebacks are never sent (``unsafeTracebacks=False``) and the jelly
     security is :class:`BasicTypesOnly`.
     """
-    return pb.PBServerFactory(
+    factory = pb.PBServerFactory(
         make_portal(service, users), unsafeTracebacks=False, security=BasicTypesOnly()
     )
+    factory.protocol = QuietBroker
+    return factory

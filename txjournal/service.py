@@ -29,6 +29,7 @@ from txjournal.errors import (
     RecoveryError,
     SnapshotError,
     UnknownCommand,
+    UnsafeDataDir,
 )
 from txjournal.fs import DIR_MODE, check_private_dir
 from txjournal.interfaces import (
@@ -198,6 +199,8 @@ class JournalService(Service, Generic[M]):
     def _start(self) -> None:
         reactor = self._get_reactor()
         if self.datadir is not None:
+            if os.path.exists(self.datadir) and not os.path.isdir(self.datadir):
+                raise UnsafeDataDir(f"data directory {self.datadir} is not a directory")
             os.makedirs(self.datadir, mode=DIR_MODE, exist_ok=True)
             check_private_dir(self.datadir)
             self._lock = DataDirLock(self.datadir)
@@ -215,8 +218,8 @@ class JournalService(Service, Generic[M]):
         journal.open()
         model, snap_seq = self._load_snapshot(store)
         self.loaded_snapshot_seq = self.last_snapshot_seq = snap_seq
-        last_time_ns = self._replay(journal, model, snap_seq)
         newest = max(store.list(), default=0)
+        last_time_ns = self._replay(journal, model, snap_seq, newest)
         if journal.next_seq <= newest:
             # A snapshot proves the model once reached ``newest``; starting
             # from less (say, an empty model) would silently lose history.
@@ -274,13 +277,13 @@ class JournalService(Service, Generic[M]):
             return model, seq  # type: ignore[return-value]
         return self.schema.new_model(), 0
 
-    def _replay(self, journal: IJournal, model: M, snap_seq: int) -> int:
+    def _replay(self, journal: IJournal, model: M, snap_seq: int, newest: int) -> int:
         schema = self.schema
         journal_id = None
         last_time_ns = 0
         count = 0
         started = last_report = time.monotonic()
-        for record in journal.replay(snap_seq + 1):
+        for record in journal.replay(snap_seq + 1, newest):
             if journal_id is None:
                 journal_id = journal.journal_id
             last_time_ns = record.time_ns

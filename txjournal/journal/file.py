@@ -107,7 +107,7 @@ class FileJournal:
         """The first sequence number the journal still holds, if any."""
         return self.segments[0][0] if self.segments else None
 
-    def replay(self, from_seq: int = 1) -> Iterator[rec.Record]:
+    def replay(self, from_seq: int = 1, keep_through: int = 0) -> Iterator[rec.Record]:
         segments = self.segments
         self._replayed = False
         if not segments:
@@ -172,7 +172,16 @@ class FileJournal:
                     record, nxt = rec.decode_at(data, offset, salt)
                 except rec.RecordError as e:
                     if i == last and rec.find_valid_record(data, offset + 1, salt, expected - 1) is None:
-                        self._torn(path, offset, e.reason, end - offset)
+                        if expected <= keep_through:
+                            # A snapshot covers this record, so it was applied
+                            # and acknowledged: damage, never a torn write.
+                            raise JournalCorrupt(
+                                path, offset, expected,
+                                f"invalid last record ({e.reason}), but a snapshot covers "
+                                f"sequence number {keep_through}, so it was acknowledged; "
+                                f"not cutting it off",
+                            ) from None
+                        self._torn(path, offset, e.reason, data[offset:end], isinstance(e, rec.Incomplete))
                         end = offset
                         break
                     reason = e.reason
@@ -201,22 +210,44 @@ class FileJournal:
         self.next_seq = expected
         self._replayed = True
 
-    def _torn(self, path: str, offset: int, reason: str, length: int) -> None:
+    def _torn(
+        self, path: str, offset: int, reason: str, tail: memoryview, short: bool
+    ) -> None:
         self.torn_tail = (path, offset, reason)
         if self.readonly:
             return
-        self.log.warn(
-            "Cutting off a torn write at the end of the journal: {length} bytes "
-            "at offset {offset} of {path} ({reason}). These commands were never "
-            "acknowledged.",
-            length=length, offset=offset, path=path, reason=reason,
-        )
-        self._fs.truncate(path, offset)
-        fd = self._fs.open_append(path)
+        fs = self._fs
+        if short:
+            self.log.warn(
+                "Cutting off a torn write at the end of the journal: {length} bytes "
+                "at offset {offset} of {path} ({reason}). These commands were never "
+                "acknowledged.",
+                length=len(tail), offset=offset, path=path, reason=reason,
+            )
+        else:
+            # A whole record that fails its checksum is as likely damage to
+            # an acknowledged command as a torn write: keep its bytes.
+            aside = f"{path}.damaged-tail-{offset}"
+            fd = fs.create_exclusive(aside)
+            try:
+                write_all(fs, fd, bytes(tail))
+                fs.fsync(fd)
+            finally:
+                fs.close(fd)
+            fs.fsync_dir(self.directory)
+            self.log.critical(
+                "The last record of the journal is invalid ({reason}) at offset "
+                "{offset} of {path}: a torn write, or damage to a command that may "
+                "have been acknowledged. Cutting it off; its {length} bytes are kept "
+                "in {aside}.",
+                reason=reason, offset=offset, path=path, length=len(tail), aside=aside,
+            )
+        fs.truncate(path, offset)
+        fd = fs.open_append(path)
         try:
-            self._fs.fsync(fd)
+            fs.fsync(fd)
         finally:
-            self._fs.close(fd)
+            fs.close(fd)
 
     # -- appending (writer thread) --------------------------------------------
 

@@ -38,7 +38,7 @@ class MemoryJournal:
     def open(self) -> None:
         self.closed = False
 
-    def replay(self, from_seq: int = 1) -> Iterator[rec.Record]:
+    def replay(self, from_seq: int = 1, keep_through: int = 0) -> Iterator[rec.Record]:
         blob = b"".join(self.data)
         expected = 1
         records = rec.iter_records(blob, 0, self.salt)

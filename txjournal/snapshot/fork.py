@@ -37,6 +37,7 @@ def start(
     store: ISnapshotStore,
 ) -> tuple[int, int]:
     """Fork a child that saves ``model`` as snapshot ``seq``; return (pid, pipe)."""
+    parent = os.getpid()
     read_fd, write_fd = os.pipe()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # no collection may run between fork and exec-less exit
@@ -50,7 +51,7 @@ def start(
         if gc_was_enabled:
             gc.enable()
     if pid == 0:  # pragma: no cover - runs in the child, checked by its report
-        _child(model, seq, serializer, schema, store, read_fd, write_fd)
+        _child(model, seq, serializer, schema, store, read_fd, write_fd, parent)
     os.close(write_fd)
     return pid, read_fd
 
@@ -63,8 +64,10 @@ def _child(
     store: ISnapshotStore,
     read_fd: int,
     write_fd: int,
+    parent: int,
 ) -> None:  # pragma: no cover - child process
     code = 1
+    _die_with_parent(parent)
     try:
         # Nothing of the parent's event loop may run here: no signal
         # handlers, no wake-up pipe, no inherited sockets, locks or journal
@@ -87,6 +90,23 @@ def _child(
         os.write(write_fd, report[:_MAX_REPORT])
     finally:
         os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - child process
+    """
+    A child outliving a killed service would go on writing into a data
+    directory whose LOCK it does not hold (and that a new owner may already
+    use): on Linux, have the kernel kill it with its parent.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def wait(pid: int, read_fd: int) -> tuple[str, int]:
