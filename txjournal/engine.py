@@ -141,18 +141,9 @@ class Engine(Generic[M]):
         Anything wrong with the command itself (unregistered, unencodable)
         fails the returned Deferred at once and writes nothing.
         """
-        if self._failed is not None:
-            return fail(JournalFailed(
-                f"the journal stopped after a write error and accepts no more "
-                f"commands; restart the service ({self._failed})"
-            ))
-        if self._closed:
-            return fail(NotRunning("the journal service is stopping"))
-        if self._pending >= self._max_pending:
-            return fail(JournalOverloaded(
-                f"{self._pending} commands are waiting for the disk "
-                f"(max_pending={self._max_pending}); try again later"
-            ))
+        refused = self._refusal("commands")
+        if refused is not None:
+            return fail(refused)
         schema = self.schema
         try:
             ctype, payload = schema.encode(command)
@@ -160,17 +151,7 @@ class Engine(Generic[M]):
             # decode: a caller mutating its object later, or a tuple that
             # comes back as a list, cannot make the two runs differ.
             live = schema.decode(ctype.name, ctype.version, payload)
-            user_bytes = user.encode("utf-8") if user else b""
-            if len(user_bytes) > 255:
-                raise InvalidArguments(f"user name {user!r} is longer than 255 bytes")
-            body_size = rec.BODY_HEAD_SIZE + len(ctype.name_bytes) + len(user_bytes) + len(payload)
-            if body_size > rec.MAX_RECORD_SIZE:
-                # Replay treats a longer record as damage: refuse it now, before
-                # it is written and acknowledged, not after a restart.
-                raise InvalidArguments(
-                    f"its record would be {body_size} bytes, over the limit of "
-                    f"{rec.MAX_RECORD_SIZE} bytes"
-                )
+            user_bytes = _user_bytes(ctype.name_bytes, user, payload, "its record")
         except InvalidArguments as e:
             return fail(CommandEncodeError(
                 f"command {ctype.name!r} does not survive encoding: {e}"
@@ -187,28 +168,30 @@ class Engine(Generic[M]):
         fires once it is durable. It takes a sequence number like any
         record but is never applied, live or on replay.
         """
+        refused = self._refusal("query audit records")
+        if refused is not None:
+            return fail(refused)
+        try:
+            user_bytes = _user_bytes(name_bytes, user, arguments, "the query's audit record")
+        except InvalidArguments:
+            return fail()
+        return self._append(None, name_bytes, 1, arguments, user, user_bytes, rec.KIND_QUERY)
+
+    def _refusal(self, what: str) -> Exception | None:
+        """Why nothing more can be accepted right now, if so."""
         if self._failed is not None:
-            return fail(JournalFailed(
-                f"the journal stopped after a write error and cannot record the query; "
+            return JournalFailed(
+                f"the journal stopped after a write error and accepts no more {what}; "
                 f"restart the service ({self._failed})"
-            ))
+            )
         if self._closed:
-            return fail(NotRunning("the journal service is stopping"))
+            return NotRunning("the journal service is stopping")
         if self._pending >= self._max_pending:
-            return fail(JournalOverloaded(
+            return JournalOverloaded(
                 f"{self._pending} records are waiting for the disk "
                 f"(max_pending={self._max_pending}); try again later"
-            ))
-        user_bytes = user.encode("utf-8") if user else b""
-        if len(user_bytes) > 255:
-            return fail(InvalidArguments(f"user name {user!r} is longer than 255 bytes"))
-        body_size = rec.BODY_HEAD_SIZE + len(name_bytes) + len(user_bytes) + len(arguments)
-        if body_size > rec.MAX_RECORD_SIZE:
-            return fail(InvalidArguments(
-                f"the query's audit record would be {body_size} bytes, over the limit of "
-                f"{rec.MAX_RECORD_SIZE} bytes"
-            ))
-        return self._append(None, name_bytes, 1, arguments, user, user_bytes, rec.KIND_QUERY)
+            )
+        return None
 
     def _append(
         self,
@@ -306,6 +289,23 @@ class Engine(Generic[M]):
         for p in waiting:
             p.deferred.errback(refused)
         self._check_idle()
+
+
+def _user_bytes(name_bytes: bytes, user: str | None, payload: bytes, what: str) -> bytes:
+    """
+    The user name as stored, after checking the record fits: replay treats
+    a longer record as damage, so it must be refused before it is written
+    and acknowledged, not discovered after a restart.
+    """
+    user_bytes = user.encode("utf-8") if user else b""
+    if len(user_bytes) > 255:
+        raise InvalidArguments(f"user name {user!r} is longer than 255 bytes")
+    body_size = rec.BODY_HEAD_SIZE + len(name_bytes) + len(user_bytes) + len(payload)
+    if body_size > rec.MAX_RECORD_SIZE:
+        raise InvalidArguments(
+            f"{what} would be {body_size} bytes, over the limit of {rec.MAX_RECORD_SIZE} bytes"
+        )
+    return user_bytes
 
 
 def describe_os_error(e: BaseException) -> str:

@@ -55,7 +55,7 @@ from txjournal.lock import DataDirLock
 from txjournal.schema import Context, Schema
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
-from txjournal.tools import MovedFile, NotADataDir, ToolError
+from txjournal.tools import MovedFile, NotADataDir, ToolError, unique_path
 
 #: ``progress(records done, records expected or None)``.
 ProgressCallback = Callable[[int, int | None], None]
@@ -542,13 +542,7 @@ def _size(path: str) -> int:
 
 def _backup_path(datadir: str) -> str:
     """A fresh ``DATADIR/snapshots-before-rebuild-<UTC time>`` (the lock is held: no race)."""
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    base = os.path.join(datadir, REBUILD_BACKUP_PREFIX + stamp)
-    path, n = base, 1
-    while os.path.lexists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
+    return unique_path(datadir, REBUILD_BACKUP_PREFIX)
 
 
 # -- replay to a point in time ------------------------------------------------------

@@ -37,6 +37,7 @@ from txjournal.errors import TxJournalError
 from txjournal.progress import ProgressBar
 from txjournal.schema import Schema
 from txjournal.tools import NotADataDir, iso_time
+from txjournal.tools_cli import _seq
 
 # The values of txjournal.cli's EXIT_*; not imported from there because
 # txjournal.cli imports this module to register the subcommands.
@@ -47,16 +48,6 @@ EXIT_USAGE = 2
 
 def _error(message: str) -> None:
     print(f"txjournal: error: {message}", file=sys.stderr)
-
-
-def _seq(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a sequence number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
 
 
 def _time(text: str) -> int:

@@ -949,8 +949,13 @@ def _repair_locked(
 
 def _backup_path(datadir: str) -> str:
     """A fresh ``DATADIR/repair-backup-<UTC timestamp>`` (we hold the lock: no race)."""
+    return unique_path(datadir, BACKUP_PREFIX)
+
+
+def unique_path(directory: str, prefix: str) -> str:
+    """``directory/<prefix><UTC time>``, with a counter if that exists already."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    base = os.path.join(datadir, BACKUP_PREFIX + stamp)
+    base = os.path.join(directory, prefix + stamp)
     path, n = base, 1
     while os.path.lexists(path):
         n += 1
