@@ -1,7 +1,8 @@
 """
 Backend conformance: every :class:`IJournal` and :class:`ISnapshotStore`
 implementation must pass the same tests, the in-memory ones being the
-reference.
+reference. The PostgreSQL backend runs against the server on this machine
+(see ``tests/pg_support.py``) and fails, never skips, when it is down.
 
 A backend enters through a fixture parameter: a function that takes the
 test's ``tmp_path`` and returns a :class:`JournalBackend` or
@@ -19,12 +20,13 @@ checks that declaration).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pg_support import PG_DSN, drop_tables, require_pg, unique_prefix
 from zope.interface.verify import verifyObject
 
 from txjournal import record as rec
@@ -32,6 +34,8 @@ from txjournal.errors import SnapshotError
 from txjournal.interfaces import IJournal, ISnapshotStore
 from txjournal.journal.file import FileJournal
 from txjournal.journal.memory import MemoryJournal, MemorySnapshotStore
+from txjournal.journal.postgres import PostgresJournal
+from txjournal.journal.sqlite import SQLiteJournal
 from txjournal.snapshot.file import FileSnapshotStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,12 +54,14 @@ class JournalBackend:
     :ivar tear: if the backend can be torn, write ``data`` (a partial
         record) at the very end of its storage, as a crash mid-write would.
     :ivar can_tear: whether ``tear`` exists; see the module docstring.
+    :ivar cleanup: called after the test (close connections, drop tables).
     """
 
     name: str
     reopen: Callable[[], Any]
     can_tear: bool
     tear: Callable[[bytes], None] | None = None
+    cleanup: Callable[[], None] | None = None
 
 
 def file_journal(tmp_path: Path, segment_size: int = 1 << 20) -> JournalBackend:
@@ -96,10 +102,53 @@ def memory_journal(tmp_path: Path) -> JournalBackend:
     return JournalBackend("memory", reopen, can_tear=False)
 
 
+def _reopener(make: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """``reopen`` and ``cleanup`` for a backend whose objects hold a connection."""
+    current: list[Any] = []
+
+    def reopen() -> Any:
+        close()
+        journal = make()
+        journal.open()
+        current.append(journal)
+        return journal
+
+    def close() -> None:
+        while current:
+            current.pop().close()
+
+    return reopen, close
+
+
+def sqlite_journal(tmp_path: Path) -> JournalBackend:
+    """
+    SQLite cannot be torn: a batch is one transaction, and a transaction
+    interrupted by a crash is rolled back from the WAL, never half-kept.
+    """
+    path = str(tmp_path / "db" / "journal.sqlite")
+    reopen, close = _reopener(lambda: SQLiteJournal(path, sync=False))
+    return JournalBackend("sqlite", reopen, can_tear=False, cleanup=close)
+
+
+def postgres_journal(tmp_path: Path) -> JournalBackend:
+    """PostgreSQL, in tables of a prefix of its own; cannot be torn, as SQLite."""
+    require_pg()
+    prefix = unique_prefix()
+    reopen, close = _reopener(lambda: PostgresJournal(PG_DSN, table_prefix=prefix, sync=False))
+
+    def cleanup() -> None:
+        close()
+        drop_tables(prefix)
+
+    return JournalBackend("postgres", reopen, can_tear=False, cleanup=cleanup)
+
+
 JOURNAL_BACKENDS: list[Callable[[Path], JournalBackend]] = [
     file_journal,
     file_journal_small_segments,
     memory_journal,
+    sqlite_journal,
+    postgres_journal,
 ]
 
 
@@ -123,9 +172,25 @@ SNAPSHOT_BACKENDS: list[Callable[[Path], SnapshotBackend]] = [file_snapshots, me
 
 
 @pytest.fixture(params=JOURNAL_BACKENDS, ids=lambda f: f.__name__)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> JournalBackend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JournalBackend]:
     made: JournalBackend = request.param(tmp_path)
-    return made
+    yield made
+    if made.cleanup is not None:
+        made.cleanup()
+
+
+#: Backends whose writes a crash can cut short (the others commit a batch as
+#: one transaction); the torn-tail test runs on exactly these, so nothing is
+#: skipped, and test_tear_capability_is_declared keeps the list honest.
+TEARABLE_BACKENDS = [f for f in JOURNAL_BACKENDS if f in (file_journal, file_journal_small_segments)]
+
+
+@pytest.fixture(params=TEARABLE_BACKENDS, ids=lambda f: f.__name__)
+def tearable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JournalBackend]:
+    made: JournalBackend = request.param(tmp_path)
+    yield made
+    if made.cleanup is not None:
+        made.cleanup()
 
 
 @pytest.fixture(params=SNAPSHOT_BACKENDS, ids=lambda f: f.__name__)
@@ -279,16 +344,17 @@ def test_prune_never_loses_later_records(backend: JournalBackend) -> None:
         assert removed  # there was something to drop
 
 
-def test_tear_capability_is_declared(backend: JournalBackend) -> None:
-    """No backend skips the torn-tail test silently: it says whether it can be torn."""
+def test_tear_capability_is_declared(backend: JournalBackend, request: pytest.FixtureRequest) -> None:
+    """Every backend that can be torn is in TEARABLE_BACKENDS, so none escapes the torn-tail test."""
     assert (backend.tear is not None) == backend.can_tear
-    if backend.name == "memory":
-        assert not backend.can_tear  # nothing reaches it half-written
+    factory = request.node.callspec.params["backend"]
+    assert backend.can_tear == (factory in TEARABLE_BACKENDS)
+    if backend.name in ("memory", "sqlite", "postgres"):
+        assert not backend.can_tear  # nothing reaches it half-written: a batch is one transaction
 
 
-def test_torn_tail_is_cut_and_appending_goes_on(backend: JournalBackend) -> None:
-    if not backend.can_tear:
-        pytest.skip(f"{backend.name} declares it cannot be torn (checked by test_tear_capability_is_declared)")
+def test_torn_tail_is_cut_and_appending_goes_on(tearable: JournalBackend) -> None:
+    backend = tearable
     assert backend.tear is not None
     journal = fresh(backend)
     written = append(journal, 6, batch=2)
