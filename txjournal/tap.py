@@ -216,6 +216,7 @@ class Options(usage.Options):
         ["app", None, None, "The schema to serve, as 'package.module:attribute' (required)."],
         ["datadir", None, None, "Data directory (journal, snapshots, LOCK). [default: ./var/<schema name>]"],
         ["pb", None, DEFAULT_PB, "PB server endpoint: tcp:, ssl: or unix: endpoint string."],
+        ["journal", None, "", "Where the journal lives: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/journal, the default)."],
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
@@ -242,6 +243,12 @@ class Options(usage.Options):
             raise usage.UsageError("--app MODULE:ATTRIBUTE is required")
         self.schema = load_schema(self["app"])
         self["schema"] = self.schema
+        from txjournal import urls
+
+        try:
+            self["journal"] = urls.check(self["journal"] or "")
+        except ValueError as e:
+            raise usage.UsageError(f"--journal: {e}") from e
         datadir = self["datadir"] or os.path.join("var", self.schema.name)
         self["datadir"] = os.path.abspath(datadir)
         self.users = None
@@ -289,9 +296,12 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     interval = options["snapshot-interval"]
     sync = not options["unsafe-no-sync"]
+    from txjournal.urls import open_journal
+
     journal: JournalService[Any] = JournalService(
         options["schema"],
         options["datadir"],
+        journal=open_journal(options["journal"], sync=sync),
         sync=sync,
         snapshot_interval=interval or None,
         snapshot_on_stop=not options["no-snapshot-on-stop"],

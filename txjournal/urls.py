@@ -1,0 +1,71 @@
+"""
+Journal backends named by URL, as operators give them on the command line::
+
+    (none) or file:          the file journal in DATADIR/journal (default)
+    sqlite:///abs/path.db    an SQLite journal (sqlite:relative/path.db also works)
+    postgresql://user@host/db   a PostgreSQL journal (any libpq URL; postgres:// too)
+
+Snapshots and the LOCK stay in the data directory. Passwords in URLs are
+never logged: use :func:`describe` for messages.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from txjournal.interfaces import IJournal
+
+_SQLITE = "sqlite:"
+_POSTGRES = ("postgresql://", "postgres://")
+
+
+def check(url: str) -> str:
+    """
+    Validate a journal URL and return it with any SQLite path made absolute
+    (``twistd`` may change directory before the service starts).
+    """
+    if url in ("", "file:"):
+        return ""
+    if url.startswith(_SQLITE):
+        path = url[len(_SQLITE):]
+        if path.startswith("///"):
+            path = path[2:]
+        elif path.startswith("//"):
+            raise ValueError(f"sqlite URL {url!r} names a host; use sqlite:///absolute/path.db")
+        if not path:
+            raise ValueError("sqlite URL names no file; use sqlite:///absolute/path.db")
+        return "sqlite://" + os.path.abspath(path)
+    if url.startswith(_POSTGRES):
+        return url
+    raise ValueError(
+        f"unknown journal URL {describe(url)!r}: use sqlite:///path.db, "
+        f"postgresql://user@host/database, or file: (the default)"
+    )
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return parts._replace(netloc=f"{user}@{netloc[-1]}").geturl()
+
+
+def open_journal(url: str, sync: bool = True) -> IJournal | None:
+    """The journal a (checked) URL names; ``None`` for the default file journal."""
+    url = check(url)
+    if not url:
+        return None
+    journal: IJournal
+    if url.startswith(_SQLITE):
+        from txjournal.journal.sqlite import SQLiteJournal
+
+        journal = SQLiteJournal(url[len("sqlite://"):], sync=sync)
+    else:
+        from txjournal.journal.postgres import PostgresJournal
+
+        journal = PostgresJournal(url, sync=sync)
+    return journal
