@@ -156,6 +156,7 @@ JOURNAL_BACKENDS: list[Callable[[Path], JournalBackend]] = [
 class SnapshotBackend:
     name: str
     reopen: Callable[[], Any]
+    cleanup: Callable[[], None] | None = None
 
 
 def file_snapshots(tmp_path: Path) -> SnapshotBackend:
@@ -168,7 +169,53 @@ def memory_snapshots(tmp_path: Path) -> SnapshotBackend:
     return SnapshotBackend("memory", lambda: store)
 
 
-SNAPSHOT_BACKENDS: list[Callable[[Path], SnapshotBackend]] = [file_snapshots, memory_snapshots]
+def _store_reopener(make: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """``reopen`` and ``cleanup`` for a snapshot store holding a connection."""
+    current: list[Any] = []
+
+    def reopen() -> Any:
+        close()
+        current.append(make())
+        return current[-1]
+
+    def close() -> None:
+        while current:
+            current.pop().close()
+
+    return reopen, close
+
+
+def sqlite_snapshots(tmp_path: Path) -> SnapshotBackend:
+    from txjournal.snapshot.sqlite import SQLiteSnapshotStore
+
+    path = str(tmp_path / "db" / "snapshots.sqlite")
+    reopen, close = _store_reopener(lambda: SQLiteSnapshotStore(path))
+    return SnapshotBackend("sqlite", reopen, cleanup=close)
+
+
+def postgres_snapshots(tmp_path: Path) -> SnapshotBackend:
+    """PostgreSQL, in a table of a prefix of its own, dropped afterwards."""
+    from txjournal.snapshot.postgres import PostgresSnapshotStore
+
+    require_pg()
+    prefix = unique_prefix()
+    reopen, close = _store_reopener(lambda: PostgresSnapshotStore(PG_DSN, table_prefix=prefix))
+
+    def cleanup() -> None:
+        from pg_support import sql
+
+        close()
+        sql(f"DROP TABLE IF EXISTS {prefix}_snapshots")
+
+    return SnapshotBackend("postgres", reopen, cleanup=cleanup)
+
+
+SNAPSHOT_BACKENDS: list[Callable[[Path], SnapshotBackend]] = [
+    file_snapshots,
+    memory_snapshots,
+    sqlite_snapshots,
+    postgres_snapshots,
+]
 
 
 @pytest.fixture(params=JOURNAL_BACKENDS, ids=lambda f: f.__name__)
@@ -194,9 +241,11 @@ def tearable(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal
 
 
 @pytest.fixture(params=SNAPSHOT_BACKENDS, ids=lambda f: f.__name__)
-def snapshots(request: pytest.FixtureRequest, tmp_path: Path) -> SnapshotBackend:
+def snapshots(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SnapshotBackend]:
     made: SnapshotBackend = request.param(tmp_path)
-    return made
+    yield made
+    if made.cleanup is not None:
+        made.cleanup()
 
 
 # -- helpers ------------------------------------------------------------------------

@@ -367,6 +367,9 @@ class JournalService(Service, Generic[M]):
         self._threads = []
         if self._journal is not None:
             self._journal.close()
+        close_store = getattr(self._store, "close", None)
+        if close_store is not None:  # SQL stores hold a connection
+            close_store()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

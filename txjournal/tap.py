@@ -217,6 +217,7 @@ class Options(usage.Options):
         ["datadir", None, None, "Data directory (journal, snapshots, LOCK). [default: ./var/<schema name>]"],
         ["pb", None, DEFAULT_PB, "PB server endpoint: tcp:, ssl: or unix: endpoint string."],
         ["journal", None, "", "Where the journal lives: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/journal, the default)."],
+        ["snapshots", None, "", "Where snapshots live: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/snapshots, the default)."],
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
@@ -249,6 +250,10 @@ class Options(usage.Options):
             self["journal"] = urls.check(self["journal"] or "")
         except ValueError as e:
             raise usage.UsageError(f"--journal: {e}") from e
+        try:
+            self["snapshots"] = urls.check_snapshots(self["snapshots"] or "")
+        except ValueError as e:
+            raise usage.UsageError(f"--snapshots: {e}") from e
         datadir = self["datadir"] or os.path.join("var", self.schema.name)
         self["datadir"] = os.path.abspath(datadir)
         self.users = None
@@ -296,12 +301,13 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     interval = options["snapshot-interval"]
     sync = not options["unsafe-no-sync"]
-    from txjournal.urls import open_journal
+    from txjournal.urls import open_journal, open_snapshot_store
 
     journal: JournalService[Any] = JournalService(
         options["schema"],
         options["datadir"],
         journal=open_journal(options["journal"], sync=sync),
+        snapshots=open_snapshot_store(options["snapshots"]),
         sync=sync,
         snapshot_interval=interval or None,
         snapshot_on_stop=not options["no-snapshot-on-stop"],

@@ -5,7 +5,9 @@ Journal backends named by URL, as operators give them on the command line::
     sqlite:///abs/path.db    an SQLite journal (sqlite:relative/path.db also works)
     postgresql://user@host/db   a PostgreSQL journal (any libpq URL; postgres:// too)
 
-Snapshots and the LOCK stay in the data directory. Passwords in URLs are
+The LOCK stays in the data directory; so do snapshots, unless
+:func:`open_snapshot_store` names a store by a URL of the same forms
+(chosen independently of the journal's). Passwords in URLs are
 never logged: use :func:`describe` for messages.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from txjournal.interfaces import IJournal
+from txjournal.interfaces import IJournal, ISnapshotStore
 
 _SQLITE = "sqlite:"
 _POSTGRES = ("postgresql://", "postgres://")
@@ -69,3 +71,40 @@ def open_journal(url: str, sync: bool = True) -> IJournal | None:
 
         journal = PostgresJournal(url, sync=sync)
     return journal
+
+
+def check_snapshots(url: str) -> str:
+    """
+    Validate a snapshot-store URL (the same forms as a journal's) and return
+    it with any SQLite path made absolute; ``""`` for the default files.
+    """
+    try:
+        return check(url)
+    except ValueError as e:
+        if url.startswith(_SQLITE):
+            raise
+        raise ValueError(
+            f"unknown snapshot store URL {describe(url)!r}: use sqlite:///path.db, "
+            f"postgresql://user@host/database, or file: (DATADIR/snapshots, the default)"
+        ) from e
+
+
+def open_snapshot_store(url: str) -> ISnapshotStore | None:
+    """
+    The snapshot store a URL names; ``None`` for the default files in
+    ``DATADIR/snapshots``. Independent of the journal's URL: any journal
+    works with any store (the store opens a connection of its own).
+    """
+    url = check_snapshots(url)
+    if not url:
+        return None
+    store: ISnapshotStore
+    if url.startswith(_SQLITE):
+        from txjournal.snapshot.sqlite import SQLiteSnapshotStore
+
+        store = SQLiteSnapshotStore(url[len("sqlite://"):])
+    else:
+        from txjournal.snapshot.postgres import PostgresSnapshotStore
+
+        store = PostgresSnapshotStore(url)
+    return store
