@@ -140,3 +140,10 @@ def test_cyclic_or_deep_arguments_are_refused() -> None:
 
     with pytest.raises(InvalidArguments, match="nested deeper"):
         schema.bind_query("anything", {"x": cyclic})
+
+
+def test_failing_upgrade_names_command_and_version() -> None:
+    import msgpack
+
+    with pytest.raises(InvalidArguments, match=r"upgrading command 'put' from version 1 failed: KeyError"):
+        make_schema().decode("put", 1, msgpack.packb({"wrong": 1}))

@@ -532,3 +532,17 @@ def test_command_too_big_for_a_record_is_refused_before_writing() -> None:
     assert f.check(CommandEncodeError) and "over the limit" in str(f.value)
     assert journal.appends == 0 and svc.model == []
     assert outcome(svc.execute(Put(b"x"))) == 1
+
+
+def test_logged_time_never_goes_backwards_across_a_clean_restart() -> None:
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    clock = Clock()
+    clock.advance(5000)
+    svc = make(journal, store, clock=clock, schema=clock_schema)
+    outcome(svc.execute(Draw()))
+    outcome(svc.stopService())  # the snapshot on stop covers the last record
+    earlier = Clock()
+    earlier.advance(10)  # the wall clock is now behind the journal
+    again = make(journal, store, clock=earlier, schema=clock_schema)
+    assert again.replayed == 0
+    assert outcome(again.execute(Draw()))[1] == 5000.0

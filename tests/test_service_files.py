@@ -498,3 +498,38 @@ def test_unusable_datadir_gives_a_clear_error(tmp_path: Any, make_bad: str) -> N
         match = "cannot be opened"
     with pytest.raises(UnsafeDataDir, match=match):
         start(str(datadir))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_during_a_snapshot_lets_it_finish(tmp_path: Any) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_on_stop=False, prune_segments=True, segment_size=300)
+    for _ in range(30):
+        await svc.execute(Deposit("a", 1))
+    snapshot = svc.snapshot()
+    await svc.stopService()
+    assert await snapshot == 30
+    # Its pruning ran too, on the writer thread, before that thread stopped.
+    assert len(os.listdir(os.path.join(datadir, "journal"))) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_damage_at_the_same_offset_twice_keeps_both_copies(tmp_path: Any) -> None:
+    datadir = str(tmp_path / "bank")
+    path = os.path.join(datadir, "journal", segment_name(1))
+    svc = start(datadir, snapshot_on_stop=False)
+    await svc.execute(Deposit("a", 1))
+    await svc.execute(Deposit("a", 1))
+    await svc.stopService()
+    for round_no in (1, 2):
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            data[-3] ^= 0xFF
+            f.seek(0)
+            f.write(data)
+        again = start(datadir, snapshot_on_stop=False)
+        assert again.query("balance", account="a") == 1
+        await again.execute(Deposit("a", 1))  # rewrites the same offset
+        await again.stopService()
+        aside = [n for n in os.listdir(os.path.join(datadir, "journal")) if ".damaged-tail-" in n]
+        assert len(aside) == round_no

@@ -681,3 +681,35 @@ def test_tool_subcommands_are_registered() -> None:
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(["repair", "d"])
     assert e.value.code == cli.EXIT_USAGE
+
+
+def test_verify_agrees_with_startup_on_a_damaged_last_record_under_a_snapshot(tmp_path: Path) -> None:
+    """
+    A snapshot covering the last record proves it was acknowledged: start-up
+    refuses rather than cutting it off, and verify must say the same.
+    """
+    from conftest import sync_runner
+    from twisted.internet.task import Clock
+
+    from examples.bank import Deposit, bank
+    from txjournal.errors import JournalCorrupt
+    from txjournal.journal.file import segment_name
+    from txjournal.service import JournalService
+
+    datadir = str(tmp_path / "bank")
+    svc = JournalService(bank, datadir, runner=sync_runner, reactor=Clock())
+    svc.startService()
+    for _ in range(3):
+        svc.execute(Deposit("a", 1))
+    svc.stopService()  # snapshot on stop: covers seq 3
+    path = os.path.join(datadir, "journal", segment_name(1))
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[-3] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    report = verify(datadir)
+    assert not report.ok
+    assert any("a snapshot covers sequence number 3" in p.message for p in report.problems)
+    with pytest.raises(JournalCorrupt, match="a snapshot covers sequence number 3"):
+        JournalService(bank, datadir, runner=sync_runner, reactor=Clock()).startService()

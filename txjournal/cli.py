@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from txjournal import history_cli, tools_cli
+from txjournal import history_cli, stats_cli, tools_cli
 from txjournal.errors import TxJournalError
 
 EXIT_OK = 0
@@ -530,6 +530,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         history_cli.configure_replay,
         history_cli.run_replay,
     ),
+    "stats": Subcommand(*stats_cli.SUBCOMMAND),
 }
 
 

@@ -75,6 +75,10 @@ class IJournal(Interface):
     salt = Attribute("``journal_id`` as 8 bytes: goes under every record checksum.")
     next_seq = Attribute("The sequence number the next appended record must carry.")
     location = Attribute("Where the journal lives (a path or URL, no password), for messages.")
+    last_time_ns = Attribute(
+        "After replay: the time logged with the newest record (0 if none), yielded or not,"
+        " so that logged times never go backwards across restarts."
+    )
 
     def open() -> None:
         """Find the journal's parts and check they fit together."""

@@ -321,7 +321,13 @@ class Schema(Generic[M]):
                     f"command {name!r} version {version} has no upgrade to version "
                     f"{ctype.version}"
                 )
-            fields = step(fields)
+            try:
+                fields = step(fields)
+            except Exception as e:
+                raise InvalidArguments(
+                    f"upgrading command {name!r} from version {version} failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from None
         try:
             return ctype.cls(**fields)
         except TypeError as e:

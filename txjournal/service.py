@@ -321,7 +321,9 @@ class JournalService(Service, Generic[M]):
                         left=f"{left:.0f}s" if left is not None else "unknown",
                     )
         self.replayed = count
-        return last_time_ns
+        # Records covered by the snapshot were read but not yielded: their time
+        # still bounds the next record's, or logged times go backwards.
+        return max(last_time_ns, journal.last_time_ns)
 
     def when_ready(self) -> Deferred[None]:
         """Fire once start-up replay has finished (errback if start-up failed)."""
@@ -350,6 +352,11 @@ class JournalService(Service, Generic[M]):
         d.addCallback(lambda _: engine.wait_idle())
         if self.snapshot_on_stop:
             d.addCallback(lambda _: self._snapshot_if_healthy())
+        else:
+            # Let a snapshot in flight finish (and its pruning run) while the
+            # threads still exist, instead of joining them on the reactor thread.
+            d.addCallback(lambda _: self._snapshot_lock.acquire())
+            d.addCallback(lambda lock: lock.release())
         d.addErrback(lambda f: self.log.failure("Error while stopping the journal", f))
         d.addBoth(lambda _: self._release())
         return d
@@ -511,7 +518,13 @@ class JournalService(Service, Generic[M]):
             how = f"forked child {pid}"
 
             def write() -> tuple[str, int, list[int]]:
-                path, size = forked.wait(pid, pipe)
+                try:
+                    path, size = forked.wait(pid, pipe)
+                except BaseException:
+                    # A child killed mid-write (the OOM killer) leaves its temp file.
+                    if isinstance(store, FileSnapshotStore):
+                        store.discard_temp(seq)
+                    raise
                 return path, size, store.prune(keep)
 
         else:

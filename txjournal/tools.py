@@ -254,7 +254,8 @@ def verify(datadir: str) -> VerifyReport:
     start_seq = journal.first_seq() or 1
     damaged_seq = damage_index = 0
     try:
-        for record in journal.replay(start_seq):
+        keep = max(FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=True).list(), default=0)
+        for record in journal.replay(start_seq, keep):
             while reached + 1 < len(segments) and segments[reached + 1][0] <= record.seq:
                 reached += 1
             counts[reached] += 1
@@ -391,7 +392,8 @@ def _check_startup(
     yielded = False
     seen = {(p.path, p.offset) for p in problems}
     try:
-        for record in journal.replay(snapshot + 1):
+        keep = max((s.seq for s in snapshots), default=0)
+        for record in journal.replay(snapshot + 1, keep):
             last = record.seq
             yielded = True
     except JournalCorrupt as e:
@@ -403,6 +405,7 @@ def _check_startup(
                 e, expected, f" (found replaying from snapshot {snapshot}, as start-up does)"
             ))
         return StartupCheck(snapshot, last, ok=False)
+    last = journal.next_seq - 1  # also when nothing after the snapshot was read
     torn = _torn_problem(journal, last + 1)
     if torn is not None and (torn.path, torn.offset) not in seen:
         problems.append(torn)
@@ -868,6 +871,15 @@ def _repair_locked(
     later = segments[cut.index + 1 :]
     store = FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=True, fs=fs)
     beyond = sorted(s for s in store.list() if s > truncate_after)
+    first = segments[0][0]
+    if first > 1 and not any(
+        first - 1 <= s <= truncate_after and _loads(store, s)[0] for s in store.list()
+    ):
+        raise RepairRefused(
+            f"the journal starts at {first} (older segments were pruned) and no valid "
+            f"snapshot between {first - 1} and {truncate_after} would remain: start-up "
+            f"could not rebuild the model after this cut"
+        )
 
     backup = None if dry_run else _backup_path(datadir)
 

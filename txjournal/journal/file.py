@@ -73,6 +73,8 @@ class FileJournal:
         self.torn_tail: tuple[str, int, str] | None = None
         self.progress_total = 0
         self.progress_done = 0
+        #: Logged time of the last record read by :meth:`replay`, yielded or not.
+        self.last_time_ns = 0
         self._replayed = False
         self._fd: int | None = None
         self._tail_path: str | None = None
@@ -200,6 +202,7 @@ class FileJournal:
                     )
                 expected += 1
                 offset = nxt
+                self.last_time_ns = record.time_ns
                 self.progress_done = done + offset
                 if record.seq >= from_seq:
                     yield record
@@ -228,6 +231,10 @@ class FileJournal:
             # A whole record that fails its checksum is as likely damage to
             # an acknowledged command as a torn write: keep its bytes.
             aside = f"{path}.damaged-tail-{offset}"
+            n = 1
+            while os.path.lexists(aside):  # same offset damaged again, or a crash mid-way
+                n += 1
+                aside = f"{path}.damaged-tail-{offset}.{n}"
             fd = fs.create_exclusive(aside)
             try:
                 write_all(fs, fd, bytes(tail))

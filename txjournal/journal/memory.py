@@ -30,6 +30,7 @@ class MemoryJournal:
         self.salt = self.journal_id.to_bytes(8, "little")
         self.next_seq = 1
         self.location = "<memory journal>"
+        self.last_time_ns = 0
         self.data: list[bytes] = []
         self.appends = 0
         self.fail_next: BaseException | None = None
@@ -49,6 +50,7 @@ class MemoryJournal:
                 break
             except rec.RecordError as e:
                 raise JournalCorrupt("<memory>", 0, e.seq, e.reason) from None
+            self.last_time_ns = record.time_ns
             if record.seq != expected:
                 raise JournalCorrupt("<memory>", offset, record.seq, f"expected {expected}")
             expected += 1

@@ -138,6 +138,7 @@ class SQLJournal(ABC):
         self.journal_id = 0
         self.salt = b""
         self.next_seq = 1
+        self.last_time_ns = 0
         self._replayed = False
         self._failed: BaseException | None = None
         #: Where messages say a row lives: the location plus, if needed, the table.
@@ -194,6 +195,13 @@ class SQLJournal(ABC):
         p = self.param
         ((newest,),) = self._execute(f"SELECT max(seq) FROM {self.records_table}")
         last = int(newest) if newest is not None else 0
+        if last:
+            # Logged times never decrease, so the newest row's is the bound
+            # for the next command's, even when replay yields nothing.
+            ((time_ns,),) = self._execute(
+                f"SELECT time_ns FROM {self.records_table} WHERE seq = {p}", (last,)
+            )
+            self.last_time_ns = int(time_ns)
         expected = from_seq
         salt = self.salt
         while expected <= last:

@@ -193,6 +193,13 @@ class FileSnapshotStore:
         fs.fsync_dir(self.directory)
         return final
 
+    def discard_temp(self, seq: int) -> None:
+        """Remove the temp file of an interrupted :meth:`save` of ``seq``, if any."""
+        try:
+            self._fs.unlink(os.path.join(self.directory, _TEMP_PREFIX + snapshot_name(seq)))
+        except FileNotFoundError:
+            pass
+
     def prune(self, keep: int) -> builtins.list[int]:
         if keep < 1:
             raise ValueError("keep at least one snapshot")
