@@ -387,7 +387,7 @@ def chart(report: StatsReport, png: str) -> None:
     counts = [g.commands for g in report.groups]
     fig, ax = plt.subplots(figsize=(10, 4))
     try:
-        ax.bar(hours, counts, width=1 / 24, align="edge")  # type: ignore[arg-type]
+        ax.bar(hours, counts, width=1 / 24, align="edge")  # type: ignore[arg-type,unused-ignore]
         ax.set_xlabel("hour (UTC)")
         ax.set_ylabel("commands")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
