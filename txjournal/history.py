@@ -38,7 +38,6 @@ talking.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import struct
 import time
@@ -55,7 +54,7 @@ from txjournal.lock import DataDirLock
 from txjournal.schema import Context, Schema
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
-from txjournal.tools import MovedFile, NotADataDir, ToolError, unique_path
+from txjournal.tools import MovedFile, NotADataDir, ToolError, iso_ns, unique_path
 
 #: ``progress(records done, records expected or None)``.
 ProgressCallback = Callable[[int, int | None], None]
@@ -559,18 +558,12 @@ def parse_time(text: str) -> int:
 
     :raises ValueError: not an ISO 8601 time.
     """
-    text = text.strip()
     try:
-        moment = datetime.datetime.fromisoformat(text)
+        return iso_ns(text) + 999
     except ValueError:
         raise ValueError(
-            f"{text!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z)"
+            f"{text.strip()!r} is not an ISO 8601 time (e.g. 2024-05-01T12:00:00Z)"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-    microseconds = (moment - epoch) // datetime.timedelta(microseconds=1)
-    return microseconds * 1000 + 999
 
 
 @dataclass(frozen=True)

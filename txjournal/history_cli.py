@@ -37,17 +37,7 @@ from txjournal.errors import TxJournalError
 from txjournal.progress import ProgressBar
 from txjournal.schema import Schema
 from txjournal.tools import NotADataDir, iso_time
-from txjournal.tools_cli import _seq
-
-# The values of txjournal.cli's EXIT_*; not imported from there because
-# txjournal.cli imports this module to register the subcommands.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _error(message: str) -> None:
-    print(f"txjournal: error: {message}", file=sys.stderr)
+from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error, _seq
 
 
 def _time(text: str) -> int:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from txjournal import record as rec
 from txjournal import urls
 from txjournal.journal.file import FileJournal
-from txjournal.tools import NotADataDir, ToolError, iso_time
+from txjournal.tools import NotADataDir, ToolError, iso_ns, iso_time
 
 GroupBy = Literal["name", "user", "hour", "day"]
 GROUP_BYS: tuple[str, ...] = ("name", "user", "hour", "day")
@@ -51,7 +51,6 @@ FAILED_NOTE = (
     "application's code tells which failed."
 )
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 class StatsError(ToolError):
@@ -60,13 +59,10 @@ class StatsError(ToolError):
 
 def parse_time(text: str) -> int:
     """
-    An ISO 8601 date or date-time as nanoseconds since the epoch. Without a
-    time zone it is UTC. Raises :class:`ValueError` if it is not one.
+    An ISO 8601 date or date-time as nanoseconds since the epoch (its first
+    nanosecond; UTC without a zone). Raises :class:`ValueError`.
     """
-    moment = datetime.datetime.fromisoformat(text.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return ((moment - _EPOCH) // datetime.timedelta(microseconds=1)) * 1000
+    return iso_ns(text)
 
 
 @dataclass

@@ -18,14 +18,7 @@ from typing import TextIO
 from txjournal import stats as st
 from txjournal.errors import TxJournalError
 from txjournal.tools import NotADataDir, iso_time
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _error(message: str) -> None:
-    print(f"txjournal: error: {message}", file=sys.stderr)
+from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error
 
 
 def _time(text: str) -> int:

@@ -481,6 +481,18 @@ def _loads(store: FileSnapshotStore, seq: int) -> tuple[bool, str]:
 # -- inspect ----------------------------------------------------------------------
 
 
+def iso_ns(text: str) -> int:
+    """
+    The first nanosecond of an ISO 8601 date or time (UTC when it has no
+    zone), as ns since the epoch. Raises :class:`ValueError`.
+    """
+    moment = datetime.datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return ((moment - epoch) // datetime.timedelta(microseconds=1)) * 1000
+
+
 def iso_time(time_ns: int) -> str:
     """ISO 8601 in UTC to the microsecond (the exact value is in ``time_ns``)."""
     seconds, ns = divmod(time_ns, 1_000_000_000)

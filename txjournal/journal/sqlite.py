@@ -51,6 +51,34 @@ _SCHEMA = (
 BUSY_TIMEOUT_MS = 10_000
 
 
+def open_private(path: str, sync: bool, schema: Sequence[str]) -> sqlite3.Connection:
+    """
+    Connect to the SQLite file ``path`` in WAL mode, creating it (mode 0600,
+    directory 0700) and the tables in ``schema`` if missing.
+
+    The connection may be used from any thread (``check_same_thread`` off):
+    callers guarantee one thread at a time.
+    """
+    os.makedirs(os.path.dirname(path), mode=DIR_MODE, exist_ok=True)
+    # Created here rather than by SQLite so it is private from the first
+    # byte, whatever the umask; the WAL and shared-memory files copy it.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    os.close(fd)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode.lower() != "wal":
+            raise OSError(f"SQLite refused WAL mode for {path} (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
+        for statement in schema:
+            conn.execute(statement)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 @implementer(IJournal)
 class SQLiteJournal(SQLJournal):
     """
@@ -67,28 +95,9 @@ class SQLiteJournal(SQLJournal):
         self._conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
-        # Created here rather than by SQLite so it is private from the first
-        # byte, whatever the umask; the WAL and shared-memory files copy it.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        os.close(fd)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode.lower() != "wal":
-                raise OSError(f"SQLite refused WAL mode for {self.path} (got {mode!r})")
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync else 'NORMAL'}")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
+        if self._conn is None:
+            self._conn = open_private(self.path, self.sync, _SCHEMA)
+        return self._conn
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = self._connect()

@@ -47,11 +47,11 @@ from typing import Any
 from zope.interface import implementer
 
 from txjournal.errors import SnapshotError
-from txjournal.fs import DIR_MODE, FILE_MODE
 from txjournal.interfaces import ISnapshotStore
+from txjournal.journal.sqlite import BUSY_TIMEOUT_MS, open_private  # noqa: F401 (documented here too)
 
 #: How long a statement waits for another connection's lock before failing.
-BUSY_TIMEOUT_MS = 10_000
+
 
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
@@ -174,34 +174,16 @@ class SQLiteSnapshotStore(SQLSnapshotStore):
         self._conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        os.makedirs(os.path.dirname(self.path), mode=DIR_MODE, exist_ok=True)
-        # Created here rather than by SQLite so it is private from the first
-        # byte, whatever the umask; the WAL and shared-memory files copy it.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        os.close(fd)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode.lower() != "wal":
-                raise OSError(f"SQLite refused WAL mode for {self.path} (got {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute(
-                f"""CREATE TABLE IF NOT EXISTS {self.table} (
-                    seq BIGINT PRIMARY KEY,
-                    payload BLOB NOT NULL,
-                    payload_sha256 BLOB NOT NULL,
-                    model_digest BLOB NOT NULL,
-                    created_ns BIGINT NOT NULL
-                )"""
-            )
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
+        if self._conn is None:
+            table = f"""CREATE TABLE IF NOT EXISTS {self.table} (
+                seq BIGINT PRIMARY KEY,
+                payload BLOB NOT NULL,
+                payload_sha256 BLOB NOT NULL,
+                model_digest BLOB NOT NULL,
+                created_ns BIGINT NOT NULL
+            )"""
+            self._conn = open_private(self.path, True, [table])
+        return self._conn
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self._connect().execute(sql, params).fetchall()
