@@ -269,8 +269,8 @@ class JournalService(Service, Generic[M]):
                 model = self.serializer.loads(payload)
             except Exception as e:
                 self.log.warn(
-                    "Skipping snapshot {seq}: {reason}; trying an older one",
-                    seq=seq, reason=f"{type(e).__name__}: {e}",
+                    "Skipping snapshot {seq} in {location}: {reason}; trying an older one",
+                    seq=seq, location=store.location, reason=f"{type(e).__name__}: {e}",
                 )
                 continue
             self.log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
