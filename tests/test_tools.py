@@ -713,3 +713,24 @@ def test_verify_agrees_with_startup_on_a_damaged_last_record_under_a_snapshot(tm
     assert any("a snapshot covers sequence number 3" in p.message for p in report.problems)
     with pytest.raises(JournalCorrupt, match="a snapshot covers sequence number 3"):
         JournalService(bank, datadir, runner=sync_runner, reactor=Clock()).startService()
+
+
+def test_verify_reports_what_startup_refuses_or_kept_aside(tmp_path: Path) -> None:
+    from conftest import sync_runner
+    from twisted.internet.task import Clock
+
+    from examples.bank import Deposit, bank
+    from txjournal.service import JournalService
+
+    datadir = tmp_path / "bank"
+    svc = JournalService(bank, str(datadir), runner=sync_runner, reactor=Clock(), snapshot_on_stop=False)
+    svc.startService()
+    svc.execute(Deposit("a", 1))
+    svc.stopService()
+    assert verify(str(datadir)).ok
+    (datadir / "journal" / "00000000000000000001.log.damaged-tail-99").write_bytes(b"x")
+    datadir.chmod(0o770)
+    report = verify(str(datadir))
+    messages = [(p.severity, p.message) for p in report.problems]
+    assert any(sev == "error" and "start-up refuses this directory" in m for sev, m in messages)
+    assert any(sev == "warning" and "may have been acknowledged" in m for sev, m in messages)

@@ -28,8 +28,14 @@ from typing import Any, Literal
 import msgpack
 
 from txjournal import record as rec
-from txjournal.errors import DataDirLocked, JournalCorrupt, SnapshotError, TxJournalError
-from txjournal.fs import OSFileSystem, write_all
+from txjournal.errors import (
+    DataDirLocked,
+    JournalCorrupt,
+    SnapshotError,
+    TxJournalError,
+    UnsafeDataDir,
+)
+from txjournal.fs import OSFileSystem, check_private_dir, write_all
 from txjournal.interfaces import IFileSystem
 from txjournal.journal.file import FileJournal
 from txjournal.lock import DataDirLock
@@ -323,6 +329,20 @@ def verify(datadir: str) -> VerifyReport:
                 f"the journal starts at sequence number {first_segment} (older "
                 f"segments were pruned) but no valid snapshot covers "
                 f"{first_segment - 1}: the model cannot be rebuilt",
+            ))
+
+    try:
+        check_private_dir(datadir)
+    except UnsafeDataDir as e:
+        problems.append(Problem(datadir, None, None, f"start-up refuses this directory: {e}"))
+    for name in sorted(os.listdir(journal_dir) if os.path.isdir(journal_dir) else []):
+        if ".damaged-tail-" in name:
+            problems.append(Problem(
+                os.path.join(journal_dir, name), None, None,
+                "bytes of an invalid last record that start-up cut off and kept: a torn "
+                "write, or a command that may have been acknowledged; inspect it, then "
+                "remove it",
+                "warning",
             ))
 
     return VerifyReport(
