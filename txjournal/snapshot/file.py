@@ -151,12 +151,16 @@ class FileSnapshotStore:
         return decode(path, data, seq)
 
     def model_digest(self, seq: int) -> bytes:
+        return self.header(seq).model_digest
+
+    def header(self, seq: int) -> SnapshotHeader:
+        """A snapshot's checked header, without reading its payload."""
         path = self.path(seq)
         try:
             head = self._fs.read_prefix(path, HEADER_SIZE)
         except OSError as e:
             raise SnapshotError(f"snapshot {path} cannot be read: {e}") from None
-        return decode_header(path, head, seq).model_digest
+        return decode_header(path, head, seq)
 
     def save(self, seq: int, payload: bytes, model_digest: bytes | None = None) -> str:
         fs = self._fs
