@@ -83,3 +83,29 @@ def test_segment_header() -> None:
         rec.decode_segment_header(head[:20] + bytes([head[20] ^ 1]) + head[21:])
     with pytest.raises(rec.BadSegmentHeader, match="bytes long"):
         rec.decode_segment_header(head[:10])
+
+
+@given(
+    seq=st.integers(1, 2**63),
+    name=st.text(min_size=1, max_size=30),
+    user=st.text(max_size=30),
+    fields=st.binary(max_size=200),
+    flip=st.integers(0, 10_000),
+    cut=st.integers(0, 10_000),
+)
+def test_fast_decoder_agrees_with_the_careful_one(
+    seq: int, name: str, user: str, fields: bytes, flip: int, cut: int
+) -> None:
+    data = bytearray(rec.encode_record(SALT, seq, 5, name.encode(), 1, fields, user.encode()))
+    variants = [bytes(data), bytes(data[: cut % (len(data) + 1)])]
+    damaged = bytearray(data)
+    damaged[flip % len(data)] ^= 0x10
+    variants.append(bytes(damaged))
+    for buf in variants:
+        fast = rec.decode_fast(buf, 0, rec.salt_crc(SALT))
+        try:
+            careful = rec.decode_at(buf, 0, SALT)
+        except rec.RecordError:
+            assert fast is None
+        else:
+            assert fast == careful

@@ -207,6 +207,48 @@ def decode_at(
     return Record(seq, time_ns, name, version, kind, user, bytes(body[q:])), stop
 
 
+_HEAD_ALL = struct.Struct("<IIQqHBBB")  # the prefix and the body head in one go
+_HEAD_ALL_SIZE = _HEAD_ALL.size
+
+
+def salt_crc(salt: bytes) -> int:
+    """The CRC-32C state after the salt, for :func:`decode_fast`."""
+    return crc32c(salt)
+
+
+def decode_fast(
+    buf: bytes, offset: int, salt_state: int
+) -> tuple[Record, int] | None:
+    """
+    :func:`decode_at` for the common case, about twice as fast on ``bytes``:
+    the record at ``offset`` and the offset after it, or ``None`` if
+    anything is off, in which case the caller asks :func:`decode_at` for
+    the exact error. ``salt_state`` comes from :func:`salt_crc`.
+    """
+    end = len(buf)
+    if offset + _HEAD_ALL_SIZE > end:
+        return None
+    length, crc, seq, time_ns, version, kind, name_len, user_len = _HEAD_ALL.unpack_from(buf, offset)
+    start = offset + PREFIX_SIZE
+    stop = start + length
+    if length < BODY_HEAD_SIZE or length > MAX_RECORD_SIZE or stop > end:
+        return None
+    body = buf[start:stop]
+    c = crc32c(body, crc32c(_LENGTH.pack(length), salt_state))
+    if ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF != crc:
+        return None
+    p = BODY_HEAD_SIZE + name_len
+    q = p + user_len
+    if q > length:
+        return None
+    try:
+        name = _names.get(body[BODY_HEAD_SIZE:p]) or _text(body[BODY_HEAD_SIZE:p])
+        user = (_names.get(body[p:q]) or _text(body[p:q])) if user_len else None
+    except UnicodeDecodeError:
+        return None
+    return Record(seq, time_ns, name, version, kind, user, body[q:]), stop
+
+
 def find_valid_record(
     buf: bytes | memoryview, start: int, salt: bytes, after_seq: int
 ) -> int | None:

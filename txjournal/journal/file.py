@@ -138,7 +138,7 @@ class FileJournal:
         for i in range(start, len(segments)):
             first, path = segments[i]
             try:
-                data = memoryview(self._fs.read(path))
+                data = self._fs.read(path)
             except FileNotFoundError:
                 raise JournalCorrupt(
                     path, 0, first, "segment disappeared while the journal was read"
@@ -169,9 +169,11 @@ class FileJournal:
             done = self.progress_done
             offset = rec.SEGMENT_HEADER_SIZE
             end = len(data)
+            salt_state = rec.salt_crc(salt)
             while offset < end:
                 try:
-                    record, nxt = rec.decode_at(data, offset, salt)
+                    fast = rec.decode_fast(data, offset, salt_state)
+                    record, nxt = fast if fast is not None else rec.decode_at(data, offset, salt)
                 except rec.RecordError as e:
                     if i == last and rec.find_valid_record(data, offset + 1, salt, expected - 1) is None:
                         if expected <= keep_through:
@@ -214,7 +216,7 @@ class FileJournal:
         self._replayed = True
 
     def _torn(
-        self, path: str, offset: int, reason: str, tail: memoryview, short: bool
+        self, path: str, offset: int, reason: str, tail: bytes | memoryview, short: bool
     ) -> None:
         self.torn_tail = (path, offset, reason)
         if self.readonly:
