@@ -283,27 +283,28 @@ class JournalService(Service, Generic[M]):
         last_time_ns = 0
         count = 0
         started = last_report = time.monotonic()
+        decode, is_retired = schema.decode, schema.is_retired
         for record in journal.replay(snap_seq + 1, newest):
+            seq, time_ns, name, version, kind, user, fields = record
             if journal_id is None:
                 journal_id = journal.journal_id
-            last_time_ns = record.time_ns
+            last_time_ns = time_ns
             count += 1
-            if record.kind != KIND_COMMAND or schema.is_retired(record.name):
+            if kind != KIND_COMMAND or is_retired(name):
                 continue
             try:
-                command = schema.decode(record.name, record.version, record.fields)
+                command = decode(name, version, fields)
             except (UnknownCommand, InvalidArguments) as e:
                 raise RecoveryError(
-                    f"cannot replay record {record.seq} (command {record.name!r} "
-                    f"version {record.version}): {e}"
+                    f"cannot replay record {seq} (command {name!r} version {version}): {e}"
                 ) from None
             try:
-                command.execute(model, Context(record.seq, record.time_ns, journal_id, record.user))  # type: ignore[attr-defined]
+                command.execute(model, Context(seq, time_ns, journal_id, user))  # type: ignore[attr-defined]
             except Exception as e:
                 # Part of history: the live run failed the same way.
                 self.log.debug(
                     "Replayed command {seq} ({name}) raised {error!r}, as it did live",
-                    seq=record.seq, name=record.name, error=e,
+                    seq=seq, name=name, error=e,
                 )
             if count % 8192 == 0:
                 now = time.monotonic()
@@ -316,7 +317,7 @@ class JournalService(Service, Generic[M]):
                     self.log.info(
                         "Replaying: {count} records done, at {seq}, {rate:.0f}/s, "
                         "{percent}, about {left} left",
-                        count=count, seq=record.seq, rate=rate,
+                        count=count, seq=seq, rate=rate,
                         percent=f"{100 * done / total:.1f}%" if total else "?%",
                         left=f"{left:.0f}s" if left is not None else "unknown",
                     )
