@@ -131,3 +131,14 @@ class SnapshotError(TxJournalError):
 
 class RecoveryError(TxJournalError):
     """Start-up could not rebuild the model from snapshots and journal."""
+
+
+class ReadOnlyReplica(TxJournalError):
+    """A replica was asked to change something: only the writer may."""
+
+    def __init__(self, writer: str, what: str) -> None:
+        self.writer = writer
+        super().__init__(
+            f"{what}: this is a read-only replica of the journal in {writer}; "
+            f"send commands to the writer of that journal"
+        )

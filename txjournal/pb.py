@@ -62,6 +62,7 @@ from txjournal.errors import (
     JournalOverloaded,
     JournalWriteError,
     NotRunning,
+    ReadOnlyReplica,
     TxJournalError,
     UnknownCommand,
     UnknownQuery,
@@ -188,6 +189,9 @@ def _translate(
         )
     if isinstance(e, (NotRunning, JournalOverloaded)):
         return ServiceUnavailable(text, error_type, text)
+    if isinstance(e, ReadOnlyReplica):
+        # Retrying here cannot help: the message names the writer to use.
+        return PermissionDenied(text, error_type, text)
     if isinstance(e, TxJournalError):
         log.warn("{kind} {name!r} failed inside txjournal: {error}", kind=kind, name=name, error=text)
         return RemoteJournalError(f"{kind} {name!r} failed: {error_type}: {text}", error_type, text)

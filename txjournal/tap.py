@@ -218,6 +218,8 @@ class Options(usage.Options):
         ["pb", None, DEFAULT_PB, "PB server endpoint: tcp:, ssl: or unix: endpoint string."],
         ["journal", None, "", "Where the journal lives: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/journal, the default)."],
         ["snapshots", None, "", "Where snapshots live: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/snapshots, the default)."],
+        ["replica-of", None, "", "Run as a read-only replica following the writer's PostgreSQL journal at this URL (postgresql://user@host/db): queries only, commands are refused."],
+        ["poll-interval", None, 0.5, "With --replica-of: seconds between polls for new journal records.", _non_negative_float],
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
@@ -254,6 +256,16 @@ class Options(usage.Options):
             self["snapshots"] = urls.check_snapshots(self["snapshots"] or "")
         except ValueError as e:
             raise usage.UsageError(f"--snapshots: {e}") from e
+        if self["replica-of"]:
+            if not self["replica-of"].startswith(("postgresql://", "postgres://")):
+                raise usage.UsageError(
+                    f"--replica-of {urls.describe(self['replica-of'])!r}: a replica follows a "
+                    f"PostgreSQL journal; give a postgresql://user@host/database URL"
+                )
+            if self["journal"]:
+                raise usage.UsageError("--replica-of and --journal exclude each other: a replica has no journal of its own")
+            if not self["poll-interval"] > 0:
+                raise usage.UsageError("--poll-interval must be more than 0 seconds")
         datadir = self["datadir"] or os.path.join("var", self.schema.name)
         self["datadir"] = os.path.abspath(datadir)
         self.users = None
@@ -303,17 +315,30 @@ def makeService(options: Options) -> MultiService:
     sync = not options["unsafe-no-sync"]
     from txjournal.urls import open_journal, open_snapshot_store
 
-    journal: JournalService[Any] = JournalService(
-        options["schema"],
-        options["datadir"],
-        journal=open_journal(options["journal"], sync=sync),
-        snapshots=open_snapshot_store(options["snapshots"]),
-        sync=sync,
-        snapshot_interval=interval or None,
-        snapshot_on_stop=not options["no-snapshot-on-stop"],
-        keep_snapshots=options["keep-snapshots"],
-        segment_size=options["segment-size"],
-    )
+    journal: Any
+    if options["replica-of"]:
+        # A read-only follower of the writer's journal: no datadir lock, no
+        # journal of its own; snapshots only if --snapshots names a store.
+        from txjournal.replica import ReplicaService
+
+        journal = ReplicaService(
+            options["schema"],
+            options["replica-of"],
+            snapshots=open_snapshot_store(options["snapshots"]) if options["snapshots"] else None,
+            poll_interval=options["poll-interval"],
+        )
+    else:
+        journal = JournalService(
+            options["schema"],
+            options["datadir"],
+            journal=open_journal(options["journal"], sync=sync),
+            snapshots=open_snapshot_store(options["snapshots"]),
+            sync=sync,
+            snapshot_interval=interval or None,
+            snapshot_on_stop=not options["no-snapshot-on-stop"],
+            keep_snapshots=options["keep-snapshots"],
+            segment_size=options["segment-size"],
+        )
     journal.setName("journal")
     journal.setServiceParent(top)
     if not sync:

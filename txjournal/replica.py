@@ -1,0 +1,539 @@
+"""
+:class:`ReplicaService`: a read-only copy of a model, following the
+PostgreSQL journal another process (the writer) appends to.
+
+The journal is the unit of replication: a replica loads the newest
+snapshot that loads (if it has a snapshot store), replays the journal from
+there, then polls the records table every ``poll_interval`` seconds for
+rows past the last one it applied, and applies them in order on the
+reactor thread, exactly as start-up replay would. It serves the same read
+API as :class:`~txjournal.service.JournalService` (``query``,
+``query_as``, ``model``, ``schema``, ``running``), so the PB avatar works
+unchanged; commands fail with :class:`ReadOnlyReplica`, naming the writer.
+
+What a replica never does to the database: write, take the writer's lock,
+create tables. Its connection runs with ``default_transaction_read_only``
+on, and if the tables do not exist yet start-up fails (start the writer
+first). A snapshot store is only read (``list``/``load``), but note that
+:class:`~txjournal.snapshot.postgres.PostgresSnapshotStore` issues
+``CREATE TABLE IF NOT EXISTS`` on connecting, so give it a role allowed to
+run that, or no snapshot store.
+
+Gaps are never applied: a missing sequence number (rows pruned before the
+replica read them, or damage) or a record that does not verify stops
+following with a logged error; the model stays at the last record applied
+and :meth:`ReplicaService.when_applied` waiters fail. Restart the replica
+(from a newer snapshot) to recover. Lost connections are retried at the
+next poll.
+
+Not done: LISTEN/NOTIFY (the writer sends no notifications; polling
+bounds the lag at about ``poll_interval`` plus the fetch), promotion of a
+replica to writer, audited queries (their audit record needs the writer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+import psycopg
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txjournal import record as rec
+from txjournal.errors import (
+    InvalidArguments,
+    JournalCorrupt,
+    NotRunning,
+    ReadOnlyReplica,
+    RecoveryError,
+    UnknownCommand,
+)
+from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
+from txjournal.journal.postgres import PostgresJournal
+from txjournal.schema import Context, Schema
+from txjournal.snapshot.serializer import PickleSerializer
+
+M = TypeVar("M")
+
+#: Records fetched per poll at most: bounded memory and reactor pauses.
+DEFAULT_MAX_BATCH = 5000
+
+
+class ReplicaJournal(PostgresJournal):
+    """
+    A :class:`PostgresJournal` that only reads: its session is read-only,
+    it creates no tables (missing ones fail :meth:`open` clearly), inserts
+    no ``journal_id`` and refuses :meth:`append` and :meth:`prune`.
+    :meth:`replay` may be called again and again, each time from where the
+    caller got to; a connection found broken is replaced on the next call.
+    """
+
+    def __init__(self, dsn: str, table_prefix: str = "txjournal") -> None:
+        super().__init__(dsn, table_prefix=table_prefix, sync=True)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self._conn = None
+        if conn is not None:
+            conn.close()
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        try:
+            conn.execute("SET default_transaction_read_only = on")
+            row = conn.execute(
+                "SELECT to_regclass(%s), to_regclass(%s)", (self.records_table, self.meta_table)
+            ).fetchone()
+            missing = [
+                name for name, found in zip((self.records_table, self.meta_table), row or (None, None))
+                if found is None
+            ]
+            if missing:
+                raise RecoveryError(
+                    f"no journal to follow at {self.location}: table(s) {', '.join(missing)} "
+                    f"do not exist; start the writer first (a replica never creates tables)"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def open(self) -> None:
+        self._connect()
+        self._failed = None
+        rows = self._execute(f"SELECT value FROM {self.meta_table} WHERE key = %s", ("journal_id",))
+        if not rows:
+            raise RecoveryError(
+                f"no journal to follow at {self.location}: {self.meta_table} holds no "
+                f"journal_id; start the writer first"
+            )
+        self.journal_id = int(rows[0][0])
+        self.salt = self.journal_id.to_bytes(8, "little")
+
+    def append(self, data: bytes, first_seq: int, last_seq: int) -> None:
+        raise ReadOnlyReplica(self.where, "append refused")
+
+    def prune(self, upto_seq: int) -> list[str]:
+        raise ReadOnlyReplica(self.where, "prune refused")
+
+    def position(self, applied: int) -> tuple[int, int, int | None]:
+        """
+        ``(newest seq, its time_ns, time_ns of row applied or None)``; the
+        newest is ``(0, 0)`` for an empty table.
+        """
+        rows = self._execute(
+            f"SELECT seq, time_ns FROM {self.records_table} "
+            f"WHERE seq = %s OR seq = (SELECT max(seq) FROM {self.records_table})",
+            (applied,),
+        )
+        by_seq = {int(s): int(t) for s, t in rows}
+        newest = max(by_seq, default=0)
+        return newest, by_seq.get(newest, 0), by_seq.get(applied)
+
+
+@implementer(IJournalService)
+class ReplicaService(Service, Generic[M]):
+    """
+    Follows the writer's PostgreSQL journal; serves queries, refuses commands.
+
+    :param journal: a ``postgresql://`` URL or libpq connection string, a
+        :class:`ReplicaJournal`, or a :class:`PostgresJournal` (only its
+        connection string and table prefix are used; it is never opened).
+    :param snapshots: a snapshot store to start from (only read); ``None``
+        replays the whole journal.
+    :param poll_interval: seconds between polls for new records.
+    :param table_prefix: used when ``journal`` is a URL.
+    :param max_batch: at most this many records are fetched and applied
+        per poll (a replica far behind catches up over several polls).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        schema: Schema[M],
+        journal: str | PostgresJournal,
+        snapshots: ISnapshotStore | None = None,
+        poll_interval: float = 0.5,
+        reactor: Any = None,
+        *,
+        table_prefix: str = "txjournal",
+        serializer: ISnapshotSerializer | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if isinstance(journal, ReplicaJournal):
+            self.journal = journal
+        elif isinstance(journal, PostgresJournal):
+            self.journal = ReplicaJournal(journal._dsn, journal.table_prefix)
+        elif isinstance(journal, str):
+            self.journal = ReplicaJournal(journal, table_prefix)
+        else:
+            raise TypeError(f"journal must be a PostgreSQL URL or a PostgresJournal, not {journal!r}")
+        self.schema = schema
+        self.snapshots = snapshots
+        self.poll_interval = poll_interval
+        self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
+        self.max_batch = max_batch
+        self._reactor = reactor
+        self._model: M | None = None
+        self._started = False
+        self._start_failure: Failure | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self._applied_waiters: list[tuple[int, Deferred[int]]] = []
+        self._db_lock = DeferredLock()
+        self._loop: LoopingCall | None = None
+        self._loop_done: Deferred[Any] | None = None
+        #: Why following stopped for good (a gap, damage, an unknown command).
+        self.halted: Failure | None = None
+        #: Sequence number of the last record applied (or covered by the snapshot).
+        self.applied_seq = 0
+        self.applied_time_ns = 0
+        #: The writer's newest sequence number (and its time) at the last poll.
+        self.writer_last_seq = 0
+        self.writer_last_time_ns = 0
+        self.loaded_snapshot_seq = 0
+        #: Records applied since start-up, replay included.
+        self.replayed = 0
+
+    # -- helpers ------------------------------------------------------------------
+
+    @property
+    def writer(self) -> str:
+        """Where the writer's journal is, without any password."""
+        return self.journal.where
+
+    def _get_reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        reactor = self._get_reactor()
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    @property
+    def model(self) -> M:
+        """The replicated model, as of :attr:`applied_seq`. Read it only."""
+        if self._model is None:
+            raise NotRunning("the replica has not finished starting")
+        return self._model
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self._start_failure = failure = Failure()
+            self._model = None
+            self._release()
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.errback(failure)
+            raise
+        self._start_failure = None
+        self._started = True
+        Service.startService(self)
+        self.resume_following()
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _start(self) -> None:
+        # Synchronous, like JournalService: a PB listener started after this
+        # service never sees a half-built model, and twistd sees failures.
+        self.halted = None
+        self.journal.open()
+        model, snap_seq = self._load_snapshot()
+        self.loaded_snapshot_seq = self.applied_seq = snap_seq
+        self.applied_time_ns = 0
+        self._model = model
+        self.replayed = 0
+        self._apply(self.journal.replay(snap_seq + 1))
+        newest, newest_ns, applied_ns = self.journal.position(self.applied_seq)
+        self._note_position(newest, newest_ns, applied_ns)
+        self.log.info(
+            "Replica of {writer} ready: snapshot at {snap}, {count} records replayed, "
+            "at sequence number {seq}",
+            writer=self.writer, snap=snap_seq, count=self.replayed, seq=self.applied_seq,
+        )
+
+    def _load_snapshot(self) -> tuple[M, int]:
+        store = self.snapshots
+        if store is None:
+            return self.schema.new_model(), 0
+        for seq in store.list():
+            try:
+                model = self.serializer.loads(store.load(seq))
+            except Exception as e:
+                self.log.warn(
+                    "Skipping snapshot {seq} in {location}: {reason}; trying an older one",
+                    seq=seq, location=store.location, reason=f"{type(e).__name__}: {e}",
+                )
+                continue
+            self.log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
+            return model, seq  # type: ignore[return-value]
+        return self.schema.new_model(), 0
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        d = self.pause_following()
+
+        def release(_: object) -> Deferred[None]:
+            # Under the lock: no fetch is using the connection any more.
+            return self._db_lock.run(self._release)
+
+        d.addCallback(release)
+        d.addErrback(lambda f: self.log.failure("Error while stopping the replica", f))
+        return d
+
+    def _release(self) -> None:
+        self.journal.close()
+        close_store = getattr(self.snapshots, "close", None)
+        if close_store is not None:
+            close_store()
+        self._fail_applied_waiters(Failure(NotRunning("the replica stopped")))
+
+    def when_ready(self) -> Deferred[None]:
+        """Fire once start-up replay has finished (errback if start-up failed)."""
+        if self._started:
+            return succeed(None)
+        if self._start_failure is not None:
+            return fail(self._start_failure)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def when_applied(self, seq: int) -> Deferred[int]:
+        """
+        Fire with :attr:`applied_seq` once the record ``seq`` is applied;
+        fail if following stops (a gap, damage) or the replica stops first.
+        """
+        if self._model is not None and self.applied_seq >= seq:
+            return succeed(self.applied_seq)
+        if self.halted is not None:
+            return fail(self.halted)
+        d: Deferred[int] = Deferred()
+        self._applied_waiters.append((seq, d))
+        return d
+
+    # -- following ----------------------------------------------------------------
+
+    @property
+    def following(self) -> bool:
+        return self._loop is not None and self._loop.running
+
+    def pause_following(self) -> Deferred[None]:
+        """Stop polling; fires once a poll in progress has finished."""
+        loop, done = self._loop, self._loop_done
+        self._loop = self._loop_done = None
+        if loop is not None and loop.running:
+            loop.stop()
+        d: Deferred[Any] = done if done is not None else succeed(None)
+        return d.addBoth(lambda _: None)
+
+    def resume_following(self) -> None:
+        """Poll again (after :meth:`pause_following`); nothing once halted."""
+        if self.following or self.halted is not None or not self.running:
+            return
+        loop = LoopingCall(self._poll)
+        loop.clock = self._get_reactor()
+        self._loop = loop
+        self._loop_done = loop.start(self.poll_interval, now=True)
+
+    def _poll(self) -> Deferred[None]:
+        applied = self.applied_seq
+        d = self._db_lock.run(self._in_thread, self._fetch, applied)
+        d.addCallback(self._fetched, applied)
+        d.addErrback(self._poll_failed)
+        return d
+
+    def _fetch(self, applied: int) -> tuple[list[rec.Record], tuple[int, int, int | None]]:
+        """In a pool thread: up to ``max_batch`` records past ``applied``, and the writer's position."""
+        records: list[rec.Record] = []
+        replay = self.journal.replay(applied + 1)
+        try:
+            for record in replay:
+                records.append(record)
+                if len(records) >= self.max_batch:
+                    break
+        finally:
+            close = getattr(replay, "close", None)  # a generator: release its cursor state now
+            if close is not None:
+                close()
+        return records, self.journal.position(applied)
+
+    def _fetched(
+        self, result: tuple[list[rec.Record], tuple[int, int, int | None]], applied: int
+    ) -> None:
+        records, (newest, newest_ns, applied_ns) = result
+        if self._model is None or self.applied_seq != applied:
+            return  # stopped or restarted meanwhile: this batch is stale
+        self._apply(records)
+        self._note_position(newest, newest_ns, applied_ns)
+        self._fire_applied_waiters()
+
+    def _note_position(self, newest: int, newest_ns: int, applied_ns: int | None) -> None:
+        # The writer's newest row never goes away (pruning keeps it).
+        if newest >= self.applied_seq:
+            self.writer_last_seq, self.writer_last_time_ns = newest, newest_ns
+        else:
+            self.writer_last_seq, self.writer_last_time_ns = self.applied_seq, self.applied_time_ns
+        if not self.applied_time_ns and applied_ns is not None:
+            self.applied_time_ns = applied_ns
+
+    def _poll_failed(self, failure: Failure) -> None:
+        if failure.check(JournalCorrupt, RecoveryError, ReadOnlyReplica):
+            self._halt(failure)
+        else:
+            # A lost connection or a server restart: try again at the next poll.
+            self.log.warn(
+                "Replica of {writer}: polling failed ({error}); retrying in {interval}s",
+                writer=self.writer, error=f"{type(failure.value).__name__}: {failure.value}",
+                interval=self.poll_interval,
+            )
+
+    def _halt(self, failure: Failure) -> None:
+        self.halted = failure
+        self.log.failure(
+            "Replica of {writer} stopped following at sequence number {seq}: the model "
+            "stays as of that record; restart the replica (from a newer snapshot) to recover",
+            failure, writer=self.writer, seq=self.applied_seq,
+        )
+        loop = self._loop
+        if loop is not None and loop.running:
+            loop.stop()
+        self._fail_applied_waiters(failure)
+
+    def _fail_applied_waiters(self, failure: Failure) -> None:
+        waiters, self._applied_waiters = self._applied_waiters, []
+        for _, d in waiters:
+            d.errback(failure)
+
+    def _fire_applied_waiters(self) -> None:
+        ready = [(s, d) for s, d in self._applied_waiters if s <= self.applied_seq]
+        if ready:
+            self._applied_waiters = [(s, d) for s, d in self._applied_waiters if s > self.applied_seq]
+            for _, d in ready:
+                d.callback(self.applied_seq)
+
+    def _apply(self, records: Iterable[rec.Record]) -> None:
+        """Apply records in order, exactly as JournalService's replay does."""
+        model = self._model
+        schema = self.schema
+        journal_id = self.journal.journal_id
+        for record in records:
+            expected = self.applied_seq + 1
+            if record.seq != expected:
+                raise JournalCorrupt(
+                    self.journal.where, 0, expected,
+                    f"the replica got record {record.seq} where {expected} belongs",
+                )
+            if record.kind == rec.KIND_COMMAND and not schema.is_retired(record.name):
+                try:
+                    command = schema.decode(record.name, record.version, record.fields)
+                except (UnknownCommand, InvalidArguments) as e:
+                    raise RecoveryError(
+                        f"cannot apply record {record.seq} (command {record.name!r} "
+                        f"version {record.version}): {e}; is this replica running older code "
+                        f"than the writer?"
+                    ) from None
+                try:
+                    command.execute(model, Context(record.seq, record.time_ns, journal_id, record.user))  # type: ignore[attr-defined]
+                except Exception as e:
+                    # Part of history: the live run failed the same way.
+                    self.log.debug(
+                        "Replicated command {seq} ({name}) raised {error!r}, as it did live",
+                        seq=record.seq, name=record.name, error=e,
+                    )
+            self.applied_seq = record.seq
+            self.applied_time_ns = record.time_ns
+            self.replayed += 1
+
+    # -- lag ----------------------------------------------------------------------
+
+    def lag(self) -> dict[str, Any]:
+        """
+        How far behind the writer this replica is, as of the last poll:
+        ``seq_behind`` records, ``seconds_behind`` between the writer's
+        newest record and the last one applied (both times as the writer
+        logged them, so clock skew does not enter; ``None`` if the time of
+        the applied record is unknown), ``last_applied_seq``,
+        ``writer_last_seq``. Use :meth:`check_lag` for a fresh reading.
+        """
+        behind = max(0, self.writer_last_seq - self.applied_seq)
+        seconds: float | None = 0.0
+        if behind:
+            seconds = (
+                max(0.0, (self.writer_last_time_ns - self.applied_time_ns) / 1e9)
+                if self.applied_time_ns else None
+            )
+        return {
+            "seq_behind": behind,
+            "seconds_behind": seconds,
+            "last_applied_seq": self.applied_seq,
+            "writer_last_seq": self.writer_last_seq,
+        }
+
+    def check_lag(self) -> Deferred[dict[str, Any]]:
+        """Ask the database for the writer's position now (applies nothing); Deferred of :meth:`lag`."""
+        if self._model is None:
+            return fail(NotRunning("the replica is not running"))
+        applied = self.applied_seq
+        d = self._db_lock.run(self._in_thread, self.journal.position, applied)
+
+        def got(position: tuple[int, int, int | None]) -> dict[str, Any]:
+            self._note_position(*position)
+            return self.lag()
+
+        return d.addCallback(got)
+
+    # -- commands and queries -----------------------------------------------------
+
+    def execute(self, command: Any, user: str | None = None) -> Deferred[Any]:
+        name = getattr(type(command), "__name__", repr(command))
+        return fail(ReadOnlyReplica(self.writer, f"command {name} refused"))
+
+    def execute_named(self, name: str, kwargs: dict[str, Any], user: str | None = None) -> Deferred[Any]:
+        return fail(ReadOnlyReplica(self.writer, f"command {name!r} refused"))
+
+    def snapshot(self) -> Deferred[int]:
+        return fail(ReadOnlyReplica(self.writer, "snapshot refused (the writer takes snapshots)"))
+
+    def query(self, query: object, /, **kwargs: Any) -> Any:
+        """Run a named query with ``kwargs``, or call ``query(model)``."""
+        model = self.model
+        if callable(query):
+            return query(model, **kwargs)
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a registered name or a callable, not {query!r}")
+        return self._run_query(query, kwargs)
+
+    def query_as(self, user: str | None, name: str, kwargs: dict[str, Any]) -> Deferred[Any]:
+        """Run the named query; a Deferred, like the writer's (``user`` is not recorded)."""
+        try:
+            self.model  # noqa: B018 - raises NotRunning before start
+            return succeed(self._run_query(name, kwargs))
+        except Exception:
+            return fail()
+
+    def _run_query(self, name: str, kwargs: dict[str, Any]) -> Any:
+        schema = self.schema
+        if schema.query_type(name).audit:
+            raise ReadOnlyReplica(
+                self.writer, f"query {name!r} is audited and its audit record needs the writer"
+            )
+        return schema.bind_query(name, kwargs)(self.model)
