@@ -57,6 +57,7 @@ from txjournal.errors import (
 from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
 from txjournal.journal.postgres import PostgresJournal
 from txjournal.schema import Context, Schema
+from txjournal.service import load_newest_snapshot
 from txjournal.snapshot.serializer import PickleSerializer
 
 M = TypeVar("M")
@@ -272,21 +273,7 @@ class ReplicaService(Service, Generic[M]):
         )
 
     def _load_snapshot(self) -> tuple[M, int]:
-        store = self.snapshots
-        if store is None:
-            return self.schema.new_model(), 0
-        for seq in store.list():
-            try:
-                model = self.serializer.loads(store.load(seq))
-            except Exception as e:
-                self.log.warn(
-                    "Skipping snapshot {seq} in {location}: {reason}; trying an older one",
-                    seq=seq, location=store.location, reason=f"{type(e).__name__}: {e}",
-                )
-                continue
-            self.log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
-            return model, seq  # type: ignore[return-value]
-        return self.schema.new_model(), 0
+        return load_newest_snapshot(self.schema, self.snapshots, self.serializer, self.log)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)

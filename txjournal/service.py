@@ -263,19 +263,7 @@ class JournalService(Service, Generic[M]):
         return thread
 
     def _load_snapshot(self, store: ISnapshotStore) -> tuple[M, int]:
-        for seq in store.list():
-            try:
-                payload = store.load(seq)
-                model = self.serializer.loads(payload)
-            except Exception as e:
-                self.log.warn(
-                    "Skipping snapshot {seq} in {location}: {reason}; trying an older one",
-                    seq=seq, location=store.location, reason=f"{type(e).__name__}: {e}",
-                )
-                continue
-            self.log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
-            return model, seq  # type: ignore[return-value]
-        return self.schema.new_model(), 0
+        return load_newest_snapshot(self.schema, store, self.serializer, self.log)
 
     def _replay(self, journal: IJournal, model: M, snap_seq: int, newest: int) -> int:
         schema = self.schema
@@ -561,3 +549,26 @@ class JournalService(Service, Generic[M]):
 
         return runner(write).addCallbacks(saved, failed)
 
+
+def load_newest_snapshot(
+    schema: Schema[M], store: ISnapshotStore | None, serializer: ISnapshotSerializer, log: Logger
+) -> tuple[M, int]:
+    """
+    The model of the newest snapshot that loads, and the sequence number it
+    covers; a fresh model and 0 if none does. Each one skipped is logged
+    with its location and the reason (a renamed class, a bad checksum).
+    """
+    if store is None:
+        return schema.new_model(), 0
+    for seq in store.list():
+        try:
+            model = serializer.loads(store.load(seq))
+        except Exception as e:
+            log.warn(
+                "Skipping snapshot {seq} in {location}: {reason}; trying an older one",
+                seq=seq, location=store.location, reason=f"{type(e).__name__}: {e}",
+            )
+            continue
+        log.info("Loaded snapshot covering sequence number {seq}", seq=seq)
+        return model, seq  # type: ignore[return-value]
+    return schema.new_model(), 0
