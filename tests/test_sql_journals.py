@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 
 from examples.bank import Deposit, InsufficientFunds, Transfer, Withdraw, bank
-from txjournal import JournalCorrupt, JournalService, JournalWriteError
+from txjournal import JournalCorrupt, JournalFailed, JournalService, JournalWriteError
 from txjournal import record as rec
 from txjournal.journal.memory import MemorySnapshotStore
 from txjournal.journal.postgres import PostgresJournal
@@ -154,8 +154,11 @@ async def test_fields_are_queryable_as_json(backend: SQLBackend) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_second_writer_fails_and_writes_nothing(backend: SQLBackend) -> None:
-    first = start(backend.make())
-    second = start(backend.make())  # a stale writer: replayed the same history
+    earlier = start(backend.make())
+    later = start(backend.make())  # both replayed the same history
+    # On PostgreSQL the later writer took over (and fenced the earlier one);
+    # on SQLite whoever appends first wins. Either way exactly one writes.
+    first, second = (later, earlier) if backend.name == "postgres" else (earlier, later)
     assert await first.execute(Deposit("alice", 1)) == 1
     with pytest.raises(JournalWriteError) as caught:
         await second.execute(Deposit("mallory", 1000))
@@ -173,6 +176,8 @@ def test_a_refused_batch_writes_none_of_its_records(backend: SQLBackend) -> None
     """A batch is atomic, and pruning leaves no hole a stale writer could fill."""
     a = opened(backend.make())
     b = opened(backend.make())
+    if backend.name == "postgres":
+        a, b = b, a  # the later one took over as the writer
     list(a.replay(1))
     list(b.replay(1))
     a.append(encoded(a, 1, 1), 1, 1)
@@ -180,6 +185,8 @@ def test_a_refused_batch_writes_none_of_its_records(backend: SQLBackend) -> None
         b.append(encoded(b, 1, 3), 1, 3)
     assert [r[0] for r in backend.query("SELECT seq FROM {records}")] == [1]
 
+    if backend.name == "postgres":
+        return  # a writer opened later would take over; see test_take_over_fences_the_old_writer
     stale = opened(backend.make())
     list(stale.replay(1))
     assert stale.next_seq == 2
@@ -288,3 +295,51 @@ async def test_postgres_connection_killed_mid_run(tmp_path: Path) -> None:
     finally:
         journal.close()
         drop_tables(prefix)
+
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_take_over_fences_the_old_writer_and_loses_no_acknowledged_command(
+    backend: SQLBackend,
+) -> None:
+    """
+    A new writer (a promoted standby) bumps the writer epoch before it
+    replays; the old writer, still running with callers, fails its next
+    batch before acknowledging it, and everything it did acknowledge is in
+    the new writer's model.
+    """
+    from twisted.internet import defer
+
+    from txjournal.journal.sql import Fenced
+
+    old = start(backend.make())
+    acked: dict[str, int] = {}  # account -> highest balance acknowledged
+    refused: list[BaseException] = []
+    reached: defer.Deferred[None] = defer.Deferred()
+
+    async def caller(account: str) -> None:
+        for _ in range(2000):
+            try:
+                acked[account] = await old.execute(Deposit(account, 1))
+            except JournalWriteError as e:
+                refused.append(e)
+                return
+            if sum(acked.values()) >= 200 and not reached.called:
+                reached.callback(None)
+
+    callers = [defer.ensureDeferred(caller(f"c{i}")) for i in range(10)]
+    await reached  # under load: then a new writer takes over
+    new = start(backend.make())
+    await defer.gatherResults(callers)
+    # The batch in flight fails as fenced; the rest are refused after the fail-stop.
+    assert len(refused) == 10 and isinstance(refused[0].__cause__, Fenced)
+    assert all(isinstance(e, JournalFailed) for e in refused[1:] if e.__cause__ is None)
+    for account, balance in acked.items():
+        assert new.model.accounts[account] >= balance, account
+    # Nothing beyond what was acknowledged, but for the batches fenced in flight.
+    assert new.engine.last_seq == sum(new.model.accounts.values())
+    assert await new.execute(Deposit("after", 1)) == 1
+    await old.stopService()
+    await new.stopService()

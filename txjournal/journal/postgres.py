@@ -43,7 +43,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from zope.interface import implementer
 
 from txjournal.interfaces import IJournal
-from txjournal.journal.sql import Row, SequenceTaken, SQLJournal
+from txjournal.journal.sql import Fenced, Row, SequenceTaken, SQLJournal
 
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
@@ -81,11 +81,39 @@ class PostgresJournal(SQLJournal):
         self.meta_table = f"{table_prefix}_meta"
         self.where = f"{self.location} table {self.records_table}"
         self._conn: psycopg.Connection[Any] | None = None
+        #: Writer epoch taken by :meth:`open`; appends fail once it is stale.
+        self.epoch = 0
 
     @property
     def backend_pid(self) -> int | None:
         """The server process serving this journal's connection, if connected."""
         return self._conn.info.backend_pid if self._conn is not None else None
+
+    def open(self) -> None:
+        super().open()
+        self._take_over()
+
+    def _take_over(self) -> None:
+        """
+        Become the writer: bump the writer epoch in the meta table. Every
+        append checks the epoch inside its transaction (``FOR SHARE``, so a
+        take-over waits for a batch in progress and then fences the rest),
+        so a stale writer that missed the take-over fails before it
+        acknowledges anything more. Replay happens after this, so the new
+        writer sees every batch the old one committed.
+        """
+        meta = self.meta_table
+        self._execute(
+            f"INSERT INTO {meta} (key, value) VALUES ('writer_epoch', '0') ON CONFLICT DO NOTHING"
+        )
+        ((epoch,),) = self._execute(
+            f"UPDATE {meta} SET value = (value::bigint + 1)::text "
+            f"WHERE key = 'writer_epoch' RETURNING value"
+        )
+        self.epoch = int(epoch)
+        self.log.info(
+            "Writer of {where} from epoch {epoch} on", where=self.where, epoch=self.epoch
+        )
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is not None:
@@ -141,6 +169,16 @@ class PostgresJournal(SQLJournal):
         conn = self._connect()
         try:
             with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    f"SELECT value FROM {self.meta_table} WHERE key = 'writer_epoch' FOR SHARE"
+                )
+                epoch_row = cur.fetchone()
+                current = int(epoch_row[0]) if epoch_row else 0
+                if current != self.epoch:
+                    raise Fenced(
+                        f"another writer took over {self.where} (writer epoch {current}, "
+                        f"this writer's {self.epoch}); this writer must stop"
+                    )
                 cur.execute(f"SELECT max(seq) FROM {self.records_table}")
                 fetched = cur.fetchone()
                 newest = fetched[0] if fetched and fetched[0] is not None else 0

@@ -50,6 +50,10 @@ class SequenceTaken(TxJournalError):
     """
 
 
+class Fenced(SequenceTaken):
+    """Another writer took over the journal; this one may append nothing more."""
+
+
 class JournalClosed(TxJournalError):
     """The journal stopped accepting appends after a failure, or was closed."""
 
