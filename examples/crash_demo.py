@@ -94,7 +94,9 @@ class Server(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-async def start_server(reactor: Any, workdir: str, port: int) -> Server:
+async def start_server(
+    reactor: Any, workdir: str, port: int, journal_url: str | None = None
+) -> Server:
     server = Server()
     args = [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -105,6 +107,8 @@ async def start_server(reactor: Any, workdir: str, port: int) -> Server:
         "--pb", f"tcp:{port}:interface=127.0.0.1",
         "--snapshot-interval", "0.5",
     ]
+    if journal_url:
+        args += ["--journal", journal_url]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     reactor.spawnProcess(server, sys.executable, args, env=env, path=ROOT)
     await server.wait_for("ready:")
@@ -166,7 +170,16 @@ async def client_loop(
         ledger.ack(k)
 
 
-def read_journal(datadir: str) -> list[Any]:
+def read_journal(datadir: str, journal_url: str | None = None) -> list[Any]:
+    if journal_url:
+        from txjournal.replica import ReplicaJournal
+
+        sql = ReplicaJournal(journal_url)  # read-only: never takes over
+        sql.open()
+        try:
+            return list(sql.replay(1))
+        finally:
+            sql.close()
     journal = FileJournal(os.path.join(datadir, "journal"), readonly=True)
     journal.open()
     return list(journal.replay())
@@ -184,7 +197,12 @@ def replay_model(records: list[Any]) -> Bank:
 
 
 async def run(
-    reactor: Any, workdir: str, rounds: int = 4, clients: int = 20, seed: int = 1
+    reactor: Any,
+    workdir: str,
+    rounds: int = 4,
+    clients: int = 20,
+    seed: int = 1,
+    journal_url: str | None = None,
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     users = os.path.join(workdir, "users")
@@ -195,7 +213,7 @@ async def run(
     report = []
     for round_no in range(rounds):
         port = free_port()
-        server = await start_server(reactor, workdir, port)
+        server = await start_server(reactor, workdir, port, journal_url)
         sessions = [await login(reactor, port) for _ in range(clients)]
         if round_no == 0:
             for account in ACCOUNTS:
@@ -222,7 +240,7 @@ async def run(
         for factory, _avatar in sessions:
             factory.disconnect()
 
-        records = read_journal(datadir)
+        records = read_journal(datadir, journal_url)
         seqs = [r.seq for r in records]
         assert seqs == list(range(1, len(records) + 1)), "sequence numbers are not dense"
         present = Counter(key(r.name, bank.decode(r.name, r.version, r.fields).__dict__) for r in records)
@@ -232,7 +250,7 @@ async def run(
         assert not invented, f"journal holds commands nobody sent: {list(invented)[:5]}"
 
         port = free_port()
-        server = await start_server(reactor, workdir, port)
+        server = await start_server(reactor, workdir, port, journal_url)
         factory, avatar = await login(reactor, port)
         served = await avatar.callRemote("query", "accounts", {})
         total = await avatar.callRemote("query", "total", {})
@@ -261,11 +279,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--journal", default=None, help="a journal URL (postgresql://...) instead of files")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="txjournal-crash-")
 
     async def go(reactor: Any) -> None:
-        report = await run(reactor, workdir, args.rounds, args.clients, args.seed)
+        report = await run(reactor, workdir, args.rounds, args.clients, args.seed, args.journal)
         for row in report:
             print(json.dumps(row))
         print(f"OK: {len(report)} kill -9 rounds, nothing acknowledged lost, nothing invented ({workdir})")

@@ -27,3 +27,36 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Any) -> No
     assert acknowledged == sorted(acknowledged) and acknowledged[-1] > acknowledged[0]
     for row in report:
         assert row["acknowledged_total"] <= row["journal_records"] <= row["sent_total"]
+
+
+@pytest.mark.timeout(240)
+@pytest_twisted.ensureDeferred
+async def test_kill_9_of_a_postgresql_writer_then_a_new_writer_loses_nothing(tmp_path: Any) -> None:
+    """
+    The same under load with the journal in PostgreSQL: each round SIGKILLs
+    the writer and starts a new one (a standby taking over, bumping the
+    writer epoch); every acknowledged command must be in the database.
+    """
+    import uuid
+
+    import psycopg
+    from pg_support import PG_DSN, require_pg
+    from twisted.internet import reactor
+
+    require_pg()
+    database = f"txj_kill_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    params = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+    params["dbname"] = database
+    url = "postgresql://{user}@{host}:{port}/{dbname}".format(**params)
+    try:
+        report = await crash_demo.run(reactor, str(tmp_path), rounds=3, clients=20, seed=11, journal_url=url)
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    assert len(report) == 3
+    for row in report:
+        assert row["acknowledged_total"] <= row["journal_records"] <= row["sent_total"]
+    # The data directory held no journal: it was all in PostgreSQL.
+    assert not (tmp_path / "bank" / "journal").exists()
