@@ -546,3 +546,16 @@ def test_logged_time_never_goes_backwards_across_a_clean_restart() -> None:
     again = make(journal, store, clock=earlier, schema=clock_schema)
     assert again.replayed == 0
     assert outcome(again.execute(Draw()))[1] == 5000.0
+
+
+def test_records_of_an_unknown_kind_stop_replay() -> None:
+    from txjournal import RecoveryError
+    from txjournal import record as rec
+
+    journal = MemoryJournal()
+    svc = make(journal)
+    outcome(svc.execute(Deposit("a", 1)))
+    journal.data.append(rec.encode_record(journal.salt, 2, 10, b"future", 1, b"\x80", kind=9))
+    journal.next_seq = 3
+    with pytest.raises(RecoveryError, match="record 2 .* kind 9, unknown to this version"):
+        make(journal)

@@ -174,6 +174,11 @@ class _Replayer:
         if self.progress is not None and self.records % PROGRESS_EVERY == 0:
             self.progress(self.records, self.total)
         if record.kind != rec.KIND_COMMAND:
+            if record.kind != rec.KIND_QUERY:
+                raise UnreplayableRecord(
+                    record.seq, record.name, record.version,
+                    f"its kind {record.kind} is unknown to this version of txjournal",
+                )
             self.other += 1
             return
         schema = self.schema

@@ -429,6 +429,11 @@ class ReplicaService(Service, Generic[M]):
                     self.journal.where, 0, expected,
                     f"the replica got record {record.seq} where {expected} belongs",
                 )
+            if record.kind not in (rec.KIND_COMMAND, rec.KIND_QUERY):
+                raise RecoveryError(
+                    f"record {record.seq} has kind {record.kind}, unknown to this version "
+                    f"of txjournal: upgrade the replica"
+                )
             if record.kind == rec.KIND_COMMAND and not schema.is_retired(record.name):
                 try:
                     command = schema.decode(record.name, record.version, record.fields)

@@ -41,7 +41,7 @@ from txjournal.interfaces import (
 )
 from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
 from txjournal.lock import DataDirLock
-from txjournal.record import KIND_COMMAND
+from txjournal.record import KIND_COMMAND, KIND_QUERY
 from txjournal.schema import Context, Schema
 from txjournal.snapshot import fork as forked
 from txjournal.snapshot.file import FileSnapshotStore
@@ -278,7 +278,16 @@ class JournalService(Service, Generic[M]):
                 journal_id = journal.journal_id
             last_time_ns = time_ns
             count += 1
-            if kind != KIND_COMMAND or is_retired(name):
+            if kind != KIND_COMMAND:
+                if kind == KIND_QUERY:
+                    continue  # an audit record: nothing to apply
+                # Written by a newer txjournal: its meaning is unknown here, and
+                # skipping it could silently change history.
+                raise RecoveryError(
+                    f"record {seq} ({name!r}) has kind {kind}, unknown to this version of "
+                    f"txjournal: upgrade txjournal to read this journal"
+                )
+            if is_retired(name):
                 continue
             try:
                 command = decode(name, version, fields)
