@@ -56,6 +56,7 @@ from txjournal.errors import (
 )
 from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
 from txjournal.journal.postgres import PostgresJournal
+from txjournal.readiness import Readiness
 from txjournal.schema import Context, Schema
 from txjournal.service import load_newest_snapshot
 from txjournal.snapshot.serializer import PickleSerializer
@@ -188,9 +189,7 @@ class ReplicaService(Service, Generic[M]):
         self.max_batch = max_batch
         self._reactor = reactor
         self._model: M | None = None
-        self._started = False
-        self._start_failure: Failure | None = None
-        self._ready_waiters: list[Deferred[None]] = []
+        self._readiness = Readiness()
         self._applied_waiters: list[tuple[int, Deferred[int]]] = []
         self._db_lock = DeferredLock()
         self._loop: LoopingCall | None = None
@@ -238,20 +237,14 @@ class ReplicaService(Service, Generic[M]):
         try:
             self._start()
         except BaseException:
-            self._start_failure = failure = Failure()
+            failure = Failure()
             self._model = None
             self._release()
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.errback(failure)
+            self._readiness.failed(failure)
             raise
-        self._start_failure = None
-        self._started = True
         Service.startService(self)
         self.resume_following()
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._readiness.succeeded()
 
     def _start(self) -> None:
         # Synchronous, like JournalService: a PB listener started after this
@@ -296,13 +289,7 @@ class ReplicaService(Service, Generic[M]):
 
     def when_ready(self) -> Deferred[None]:
         """Fire once start-up replay has finished (errback if start-up failed)."""
-        if self._started:
-            return succeed(None)
-        if self._start_failure is not None:
-            return fail(self._start_failure)
-        d: Deferred[None] = Deferred()
-        self._ready_waiters.append(d)
-        return d
+        return self._readiness.wait()
 
     def when_applied(self, seq: int) -> Deferred[int]:
         """

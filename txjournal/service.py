@@ -41,6 +41,7 @@ from txjournal.interfaces import (
 )
 from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
 from txjournal.lock import DataDirLock
+from txjournal.readiness import Readiness
 from txjournal.record import KIND_COMMAND, KIND_QUERY
 from txjournal.schema import Context, Schema
 from txjournal.snapshot import fork as forked
@@ -136,9 +137,7 @@ class JournalService(Service, Generic[M]):
         self._reactor = reactor
         self._runner_given = runner
         self._fs = fs
-        self._started = False
-        self._start_failure: Failure | None = None
-        self._ready_waiters: list[Deferred[None]] = []
+        self._readiness = Readiness()
         self._engine: Engine[M] | None = None
         self._journal: IJournal | None = None
         self._store: ISnapshotStore | None = None
@@ -183,18 +182,12 @@ class JournalService(Service, Generic[M]):
         try:
             self._start()
         except BaseException:
-            self._start_failure = failure = Failure()
+            failure = Failure()
             self._release()
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.errback(failure)
+            self._readiness.failed(failure)
             raise
-        self._start_failure = None
-        self._started = True
         Service.startService(self)
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._readiness.succeeded()
 
     def _start(self) -> None:
         reactor = self._get_reactor()
@@ -325,13 +318,7 @@ class JournalService(Service, Generic[M]):
 
     def when_ready(self) -> Deferred[None]:
         """Fire once start-up replay has finished (errback if start-up failed)."""
-        if self._started:
-            return succeed(None)
-        if self._start_failure is not None:
-            return fail(self._start_failure)
-        d: Deferred[None] = Deferred()
-        self._ready_waiters.append(d)
-        return d
+        return self._readiness.wait()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
