@@ -28,6 +28,7 @@ import argparse
 import code
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.python import usage
@@ -37,7 +38,7 @@ from txjournal.errors import TxJournalError
 from txjournal.progress import ProgressBar
 from txjournal.schema import Schema
 from txjournal.tools import NotADataDir, iso_time
-from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error, _seq
+from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error, _seq, print_report
 
 
 def _time(text: str) -> int:
@@ -138,21 +139,33 @@ def print_check(report: history.CheckReport, out: TextIO) -> None:
         )
 
 
-def run_check(args: argparse.Namespace) -> int:
+def _with_progress(
+    label: str, args: argparse.Namespace, run: Callable[[Schema[Any], Any], Any]
+) -> Any:
+    """
+    Load ``--app``, run ``run(schema, progress_bar)`` under a progress bar;
+    the report, or the exit status if the app or the replay failed.
+    """
     schema = _load(args.app)
     if schema is None:
         return EXIT_USAGE
-    bar = _progress("check")
+    bar = _progress(label)
     try:
-        report = history.check(schema, args.datadir, progress=bar)
+        report = run(schema, bar)
     except (TxJournalError, OSError) as e:
         bar.finish()
         return _replay_failed(e, args.datadir)
     bar.finish()
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print_check(report, sys.stdout)
+    return report
+
+
+def run_check(args: argparse.Namespace) -> int:
+    report = _with_progress(
+        "check", args, lambda schema, bar: history.check(schema, args.datadir, progress=bar)
+    )
+    if isinstance(report, int):
+        return report
+    print_report(report, args.json, print_check)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -180,16 +193,11 @@ def print_rebuild(report: history.RebuildReport, out: TextIO) -> None:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    schema = _load(args.app)
-    if schema is None:
-        return EXIT_USAGE
-    bar = _progress("rebuild")
-    try:
-        report = history.rebuild(schema, args.datadir, progress=bar)
-    except (TxJournalError, OSError) as e:
-        bar.finish()
-        return _replay_failed(e, args.datadir)
-    bar.finish()
+    report = _with_progress(
+        "rebuild", args, lambda schema, bar: history.rebuild(schema, args.datadir, progress=bar)
+    )
+    if isinstance(report, int):
+        return report
     print_rebuild(report, sys.stdout)
     return EXIT_OK
 

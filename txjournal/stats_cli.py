@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from typing import TextIO
 
 from txjournal import stats as st
 from txjournal.errors import TxJournalError
 from txjournal.tools import NotADataDir, iso_time
-from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error
+from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error, print_report
 
 
 def _time(text: str) -> int:
@@ -91,13 +90,7 @@ def run_stats(args: argparse.Namespace) -> int:
     except (TxJournalError, OSError) as e:
         _error(f"cannot read {args.source}: {e}")
         return EXIT_FAILED
-    try:
-        if args.json:
-            print(json.dumps(report.to_dict(), indent=2))
-        else:
-            print_stats(report, sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:
+    if not print_report(report, args.json, print_stats):
         return EXIT_OK
     if hourly is not None:
         try:

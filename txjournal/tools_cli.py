@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from txjournal import tools
@@ -51,6 +51,23 @@ def _reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return EXIT_OK
+
+
+def print_report(report: Any, as_json: bool, printer: Callable[[Any, TextIO], None]) -> bool:
+    """
+    Print a report as one JSON document or as text; return ``False`` if
+    stdout's reader went away meanwhile (see :func:`_reader_gone`).
+    """
+    try:
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            printer(report, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+        return False
+    return True
 
 
 def _seq(text: str) -> int:
@@ -84,14 +101,7 @@ def run_verify(args: argparse.Namespace) -> int:
     except (TxJournalError, OSError) as e:
         _error(f"cannot verify {args.datadir}: {e}")
         return EXIT_FAILED
-    try:
-        if args.json:
-            print(json.dumps(report.to_dict(), indent=2))
-        else:
-            print_verify(report, sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _reader_gone()
+    print_report(report, args.json, print_verify)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
