@@ -142,3 +142,12 @@ class ReadOnlyReplica(TxJournalError):
             f"{what}: this is a read-only replica of the journal in {writer}; "
             f"send commands to the writer of that journal"
         )
+
+
+class WriterActive(TxJournalError):
+    """
+    Another process holds the writer's lease on a PostgreSQL journal: it is
+    alive and connected, so this one may not write. Stop it first, or take
+    over (``twistd journal --take-over``, ``python -m txjournal promote
+    --take-over``), which fences it.
+    """

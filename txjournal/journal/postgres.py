@@ -26,9 +26,28 @@ session: a server crash may then lose acknowledged commands. For tests and
 benchmarks only.
 
 Failure: a lost connection or any other error during an append propagates
-(the engine then stops accepting commands); nothing is retried, because
-the outcome of a commit whose answer was lost is unknown. Restarting the
-service reconnects and replays exactly what the server kept.
+(the engine then stops accepting commands) and the connection is closed;
+nothing is retried, because the outcome of a commit whose answer was lost
+is unknown. Restarting the service reconnects and replays exactly what the
+server kept.
+
+At most one writer (the lease): a writer holds a session-level advisory
+lock keyed by the journal's id for as long as its connection lives, and
+bumps the writer epoch in ``<prefix>_meta``; every append checks the epoch
+in the same statement that inserts. The lock says "a writer is alive" (a
+second writer refuses to start, a replica with automatic promotion waits
+for it to go); the epoch is the fence (a writer that was taken over fails
+its next batch before acknowledging it, even if its session survived).
+The lock goes with the session, so a writer killed with SIGKILL, or whose
+connection the server terminated, frees it at once: the server closes the
+session when the socket closes. A writer cut off by a network partition
+keeps it until the server notices (TCP keepalives; set
+``tcp_keepalives_idle`` on the server); ``take_over`` does not wait for
+that.
+
+Each batch is one statement (one round trip, its own transaction): the
+epoch check, the continuity check, the insert of every row and a
+``NOTIFY <prefix>_appended`` that wakes replicas.
 """
 
 from __future__ import annotations
@@ -42,10 +61,33 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from zope.interface import implementer
 
+from txjournal.errors import WriterActive
 from txjournal.interfaces import IJournal
 from txjournal.journal.sql import Fenced, Row, SequenceTaken, SQLJournal
 
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+
+def lease_key(journal_id: int) -> int:
+    """The advisory lock key of a journal: its 64-bit id as a signed bigint."""
+    return journal_id - (1 << 64) if journal_id >= (1 << 63) else journal_id
+
+
+def lease_holders_sql(key: int) -> tuple[str, tuple[int, int]]:
+    """
+    A query for the sessions holding the lease ``key``: ``pg_locks`` shows a
+    bigint advisory key as its high and low 32 bits (``classid``,
+    ``objid``) with ``objsubid`` 1. Reading it takes no lock, so a
+    read-only replica can ask whether a writer is alive.
+    """
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return (
+        "SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), "
+        "a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.pid <> pg_backend_pid()",
+        (unsigned >> 32, unsigned & 0xFFFFFFFF),
+    )
 
 
 def redact(dsn: str) -> str:
@@ -64,11 +106,24 @@ class PostgresJournal(SQLJournal):
         case letters, digits and underscores.
     :param sync: ``False`` sets ``synchronous_commit = off``; see the module
         docstring for what that risks.
+    :param take_over: if another writer holds the lease, fence it (bump the
+        epoch, so its next batch fails), terminate its session and take the
+        lease, instead of refusing to open with :class:`WriterActive`.
+    :param lease_timeout: seconds to wait for the lease (a writer killed a
+        moment ago may still hold it while the server notices).
     """
 
     param = "%s"
 
-    def __init__(self, dsn: str, table_prefix: str = "txjournal", sync: bool = True) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        table_prefix: str = "txjournal",
+        sync: bool = True,
+        *,
+        take_over: bool = False,
+        lease_timeout: float = 10.0,
+    ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ValueError(
                 f"table prefix {table_prefix!r} must be lower case letters, digits and "
@@ -83,6 +138,22 @@ class PostgresJournal(SQLJournal):
         self._conn: psycopg.Connection[Any] | None = None
         #: Writer epoch taken by :meth:`open`; appends fail once it is stale.
         self.epoch = 0
+        self.take_over = take_over
+        self.lease_timeout = lease_timeout
+        #: The channel every append notifies (payload: its last sequence number).
+        self.channel = f"{table_prefix}_appended"
+        self._leased = False
+        self._append_sql = (
+            f"WITH guard AS (SELECT "
+            f"(SELECT value::bigint FROM {self.meta_table} WHERE key = 'writer_epoch' FOR SHARE) AS epoch, "
+            f"(SELECT coalesce(max(seq), 0) FROM {self.records_table}) AS newest), "
+            f"ins AS (INSERT INTO {self.records_table} SELECT * FROM unnest("
+            f"%s::bigint[], %s::bigint[], %s::integer[], %s::text[], %s::integer[], "
+            f"%s::text[], %s::jsonb[], %s::bytea[]) "
+            f"WHERE (SELECT epoch FROM guard) = %s AND (SELECT newest FROM guard) = %s RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM ins), epoch, newest, "
+            f"CASE WHEN (SELECT count(*) FROM ins) > 0 THEN pg_notify(%s, %s) END FROM guard"
+        )
 
     @property
     def backend_pid(self) -> int | None:
@@ -90,8 +161,51 @@ class PostgresJournal(SQLJournal):
         return self._conn.info.backend_pid if self._conn is not None else None
 
     def open(self) -> None:
+        if self._leased and self._conn is not None and not self._conn.closed:
+            return  # already the writer (a promoted replica opens before starting)
         super().open()
+        key = lease_key(self.journal_id)
+        if self.take_over:
+            # Fence first: a live writer's next batch fails at the epoch check
+            # even if its session cannot be terminated.
+            self._take_over()
+            self._terminate_holders(key)
+        self._acquire_lease(key)
         self._take_over()
+        self._leased = True
+
+    def lease_holders(self) -> list[tuple[int, str, str, Any]]:
+        """``(pid, application_name, client address, backend start)`` of other sessions holding the lease."""
+        sql, params = lease_holders_sql(lease_key(self.journal_id))
+        return [tuple(row) for row in self._execute(sql, params)]
+
+    def _terminate_holders(self, key: int) -> None:
+        for pid, app, addr, _ in self.lease_holders():
+            rows = self._execute("SELECT pg_terminate_backend(%s)", (pid,))
+            self.log.warn(
+                "Taking over {where}: terminated the session of the previous writer "
+                "(server pid {pid}, {app} from {addr}): {done}",
+                where=self.where, pid=pid, app=app or "?", addr=addr,
+                done="done" if rows and rows[0][0] else "not permitted; waiting for it to go",
+            )
+
+    def _acquire_lease(self, key: int) -> None:
+        conn = self._connect()
+        conn.execute(f"SET lock_timeout = {max(1, int(self.lease_timeout * 1000))}")
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        except pg_errors.LockNotAvailable:
+            holders = self.lease_holders()
+            who = ", ".join(
+                f"server pid {pid} ({app or 'no application_name'} from {addr}, since {start})"
+                for pid, app, addr, start in holders
+            ) or "a session that has just gone"
+            raise WriterActive(
+                f"another writer holds the lease on {self.where}: {who}; stop it, or take "
+                f"over with --take-over (which fences it)"
+            ) from None
+        finally:
+            conn.execute("RESET lock_timeout")
 
     def _take_over(self) -> None:
         """
@@ -118,7 +232,10 @@ class PostgresJournal(SQLJournal):
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is not None:
             return self._conn
-        conn = psycopg.connect(self._dsn, autocommit=True)
+        if "application_name" in conninfo_to_dict(self._dsn):
+            conn = psycopg.connect(self._dsn, autocommit=True)
+        else:  # so an operator can tell the writer's session in pg_stat_activity
+            conn = psycopg.connect(self._dsn, autocommit=True, application_name="txjournal writer")
         try:
             self._settle_durability(conn)
             with conn.transaction():
@@ -167,38 +284,63 @@ class PostgresJournal(SQLJournal):
 
     def _insert_batch(self, rows: list[Row], first_seq: int) -> None:
         conn = self._connect()
+        columns = [list(column) for column in zip(*rows)]
+        last_seq = rows[-1][0]
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute(
-                    f"SELECT value FROM {self.meta_table} WHERE key = 'writer_epoch' FOR SHARE"
-                )
-                epoch_row = cur.fetchone()
-                current = int(epoch_row[0]) if epoch_row else 0
-                if current != self.epoch:
-                    raise Fenced(
-                        f"another writer took over {self.where} (writer epoch {current}, "
-                        f"this writer's {self.epoch}); this writer must stop"
-                    )
-                cur.execute(f"SELECT max(seq) FROM {self.records_table}")
-                fetched = cur.fetchone()
-                newest = fetched[0] if fetched and fetched[0] is not None else 0
-                if newest != first_seq - 1:
-                    raise SequenceTaken(
-                        f"{self.where} ends at sequence number {newest}, so this writer "
-                        f"cannot append {first_seq}: another writer is using the journal"
-                    )
-                cur.executemany(
-                    f"INSERT INTO {self.records_table} VALUES "
-                    f"(%s, %s, %s, %s, %s, %s, %s::jsonb, %s)",
-                    rows,
-                )
+            # One statement, so one round trip and one transaction: the epoch
+            # is read FOR SHARE (a take-over waits for this batch, then fences
+            # the next), and the insert happens only if both checks pass.
+            row = conn.execute(
+                self._append_sql,
+                (*columns, self.epoch, first_seq - 1, self.channel, str(last_seq)),
+            ).fetchone()
         except pg_errors.UniqueViolation as e:
             raise SequenceTaken(
-                f"sequence numbers {first_seq}..{rows[-1][0]} collide with rows in "
+                f"sequence numbers {first_seq}..{last_seq} collide with rows in "
                 f"{self.where}: another writer is using the journal ({e})"
             ) from e
+        except psycopg.OperationalError as e:
+            # A writer taking over terminates this session: say so, rather
+            # than leave the operator with a bare "connection terminated".
+            current = self._epoch_elsewhere()
+            if current is not None and current != self.epoch:
+                raise Fenced(
+                    f"another writer took over {self.where} (writer epoch {current}, this "
+                    f"writer's {self.epoch}) and ended this writer's session ({e})"
+                ) from e
+            raise
+        inserted, current, newest = row[:3] if row else (0, None, None)
+        if inserted == len(rows):
+            return
+        if current != self.epoch:
+            raise Fenced(
+                f"another writer took over {self.where} (writer epoch {current}, "
+                f"this writer's {self.epoch}); this writer must stop"
+            )
+        if newest != first_seq - 1:
+            raise SequenceTaken(
+                f"{self.where} ends at sequence number {newest}, so this writer "
+                f"cannot append {first_seq}: another writer is using the journal"
+            )
+        raise SequenceTaken(f"{self.where} stored {inserted} of {len(rows)} rows of a batch")
+
+    def _epoch_elsewhere(self) -> int | None:
+        """The writer epoch read on a short-lived connection of its own; ``None`` if unreachable."""
+        try:
+            with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    f"SELECT value FROM {self.meta_table} WHERE key = 'writer_epoch'"
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        return int(row[0]) if row else None
+
+    def _after_failure(self) -> None:
+        # Free the lease now: a writer that may not append must not look alive.
+        self._close_connection()
 
     def _close_connection(self) -> None:
+        self._leased = False
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

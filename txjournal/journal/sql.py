@@ -165,6 +165,9 @@ class SQLJournal(ABC):
         :class:`SequenceTaken`), insert ``rows``, commit durably.
         """
 
+    def _after_failure(self) -> None:
+        """Called once an append failed; the journal accepts nothing more."""
+
     @abstractmethod
     def _close_connection(self) -> None:
         """Close the connection, ignoring a connection that is already gone."""
@@ -255,6 +258,10 @@ class SQLJournal(ABC):
             # The outcome is unknown (a commit may have reached the server):
             # like the file journal, accept nothing more; restart recovers.
             self._failed = e
+            try:
+                self._after_failure()
+            except Exception:
+                self.log.failure("Closing {where} after a failed append also failed", where=self.where)
             raise
         self.next_seq = last_seq + 1
 
