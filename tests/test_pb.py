@@ -50,6 +50,7 @@ USERS = Users(
     {
         "alice": User("alice", b"alice-pw", "rw"),
         "reader": User("reader", b"reader-pw", "ro"),
+        "ops": User("ops", b"ops-pw", "admin"),
     }
 )
 

@@ -270,3 +270,24 @@ def test_twistd_options_build_a_replica(tmp_path: Any) -> None:
         parse("--replica-of", "sqlite:///x.db")
     with pytest.raises(usage.UsageError, match="exclude each other"):
         parse("--replica-of", "postgresql://127.0.0.1/test", "--journal", "postgresql://127.0.0.1/test")
+    with pytest.raises(usage.UsageError, match="needs --replica-of"):
+        parse("--auto-promote")
+    with pytest.raises(usage.UsageError, match="needs a PostgreSQL --journal"):
+        parse("--take-over")
+    with pytest.raises(usage.UsageError, match="for a writer"):
+        parse("--replica-of", "postgresql://127.0.0.1/test", "--take-over")
+
+    options = parse(
+        "--replica-of", "postgresql://127.0.0.1/test", "--auto-promote", "--promote-grace", "3",
+        "--snapshot-interval", "60", "--keep-snapshots", "5",
+    )
+    service = makeService(options).getServiceNamed("journal")
+    assert isinstance(service, ReplicaService)
+    assert service.auto_promote and service.promote_grace == 3.0
+    assert service.writer_options == {
+        "sync": True, "snapshot_interval": 60.0, "snapshot_on_stop": True, "keep_snapshots": 5,
+    }
+
+    options = parse("--journal", "postgresql://127.0.0.1/test", "--take-over", "--datadir", str(tmp_path))
+    writer = makeService(options).getServiceNamed("journal")
+    assert writer._journal_given.take_over is True

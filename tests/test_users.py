@@ -59,6 +59,7 @@ def test_parse_comments_blank_lines_and_roles() -> None:
     assert list(users) == ["admin", "reader"]
     assert users["admin"] == User("admin", b"s3cret", "rw")
     assert users["admin"].can_execute
+    assert User("ops", b"x", "admin").can_execute  # admin: rw plus promotion
     assert not users["reader"].can_execute
 
 
@@ -81,7 +82,7 @@ def test_repr_hides_passwords() -> None:
         ("alice:rw", "expected 'name:password:role'"),
         (":pw:rw", "user name is empty"),
         ("alice::rw", "password is empty"),
-        ("alice:pw:admin", "role 'admin' is not one of rw, ro"),
+        ("alice:pw:root", "role 'root' is not one of rw, ro, admin"),
         ("alice:pw:", "role '' is not one of"),
         ("al ice:pw:rw", "whitespace"),
         ("alice: pw:rw", "leading or trailing whitespace"),
@@ -180,7 +181,7 @@ def test_add_user_generates_different_passwords(tmp_path: Path) -> None:
     ("name", "role", "password", "fragment"),
     [
         ("bad:name", "rw", None, "contains ':'"),
-        ("alice", "admin", None, "role 'admin'"),
+        ("alice", "root", None, "role 'root'"),
         ("alice", "rw", " padded", "whitespace"),
         ("", "rw", None, "empty"),
     ],

@@ -361,7 +361,7 @@ class JournalAvatar(pb.Avatar):
             )
 
     def _check_may_execute(self) -> None:
-        if self.role != "rw":
+        if self.role not in ("rw", "admin"):
             raise PermissionDenied(
                 f"user {self.name!r} has the read-only role {self.role!r} and may not "
                 f"execute commands; queries are allowed"
@@ -440,6 +440,50 @@ class JournalAvatar(pb.Avatar):
 
         d = self.service.query_as(self.name, qname, qkwargs)
         return d.addCallbacks(_plain_result, failed, callbackArgs=("query", qname))
+
+    def perspective_status(self) -> dict[str, Any]:
+        """
+        What this server is: ``{"role": "writer" | "replica", "last_seq",
+        "lag"}`` (``lag`` as :meth:`ReplicaService.lag`, ``None`` for a
+        writer). Any logged-in user may ask: clients use it to find the
+        writer after a failover.
+        """
+        self._check_running()
+        service: Any = self.service
+        lag = service.lag() if hasattr(service, "lag") else None
+        promoted = getattr(service, "promoted", None)
+        role = "replica" if promoted is False else "writer"
+        last_seq = lag["last_applied_seq"] if lag is not None else service.engine.applied_seq
+        return {"role": role, "last_seq": last_seq, "lag": lag if role == "replica" else None}
+
+    def perspective_promote(self, take_over: object = False) -> Deferred[dict[str, Any]]:
+        """
+        Turn this replica into the writer (see
+        :meth:`~txjournal.replica.ReplicaService.promote`); fire with the
+        new :meth:`perspective_status`. Only for users with the ``admin``
+        role. ``take_over`` fences a writer that is still alive.
+        """
+        self._check_running()
+        if self.role != "admin":
+            raise PermissionDenied(
+                f"user {self.name!r} has the role {self.role!r}; promoting a replica needs "
+                f"the admin role"
+            )
+        if not isinstance(take_over, bool):
+            raise RemoteArgumentError(f"take_over must be true or false, not {type(take_over).__name__}")
+        promote = getattr(self.service, "promote", None)
+        if promote is None:
+            raise RemoteArgumentError("this server is a writer already, not a replica: nothing to promote")
+        log.warn(
+            "User {name!r} asked to promote this replica to writer (take over: {take_over})",
+            name=self.name, take_over=take_over,
+        )
+
+        def failed(f: Failure) -> Failure:
+            return Failure(_translate(f, "action", "promote"))
+
+        d: Deferred[Any] = promote(take_over=take_over)
+        return d.addCallbacks(lambda _: self.perspective_status(), failed)
 
     def perspective_describe(self) -> dict[str, Any]:
         """The schema's commands and queries with their argument types."""

@@ -1,4 +1,4 @@
-"""
+r"""
 :class:`ReplicaService`: a read-only copy of a model, following the
 PostgreSQL journal another process (the writer) appends to.
 
@@ -26,19 +26,40 @@ and :meth:`ReplicaService.when_applied` waiters fail. Restart the replica
 (from a newer snapshot) to recover. Lost connections are retried at the
 next poll.
 
-Not done: LISTEN/NOTIFY (the writer sends no notifications; polling
-bounds the lag at about ``poll_interval`` plus the fetch), promotion of a
-replica to writer, audited queries (their audit record needs the writer).
+Waking: the writer's every append sends ``NOTIFY <prefix>_appended``; a
+replica ``LISTEN``\ s on a connection of its own, watched by the reactor
+(no thread), and fetches at once when told. Polling stays as the fallback
+(a lost listening connection, a proxy that drops notifications), so
+``poll_interval`` bounds the lag whatever happens to notifications.
+
+Promotion: :meth:`ReplicaService.promote` turns the running replica into
+the writer in place, keeping its model: it takes the writer's lease (an
+advisory lock, refused while a writer is alive unless ``take_over``, which
+fences and ends that writer's session), bumps the writer epoch, replays
+whatever it had not applied yet, and from then on executes commands and
+takes snapshots like any :class:`~txjournal.service.JournalService`. No
+acknowledged command is lost (the old writer can commit nothing once its
+lease is gone or its epoch is stale, and the new one replays to the end
+before it writes) and none is applied twice (the replica's model is at
+exactly ``applied_seq``). With ``auto_promote`` a replica promotes itself
+once no writer has held the lease for ``promote_grace`` seconds; with
+several such replicas exactly one wins the lease, the others keep
+following it.
 """
 
 from __future__ import annotations
 
+import builtins
+import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -52,19 +73,110 @@ from txjournal.errors import (
     NotRunning,
     ReadOnlyReplica,
     RecoveryError,
+    SnapshotError,
     UnknownCommand,
 )
 from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
 from txjournal.journal.postgres import PostgresJournal
 from txjournal.readiness import Readiness
 from txjournal.schema import Context, Schema
-from txjournal.service import load_newest_snapshot
+from txjournal.service import JournalService, load_newest_snapshot
 from txjournal.snapshot.serializer import PickleSerializer
 
 M = TypeVar("M")
 
 #: Records fetched per poll at most: bounded memory and reactor pauses.
 DEFAULT_MAX_BATCH = 5000
+
+
+@implementer(ISnapshotStore)
+class NoSnapshotStore:
+    """
+    Where a replica promoted without a snapshot store keeps its snapshots:
+    nowhere. Start-up replays the whole journal; an explicit snapshot
+    fails, naming the cause.
+    """
+
+    location = "<no snapshot store>"
+
+    def list(self) -> builtins.list[int]:
+        return []
+
+    def load(self, seq: int) -> bytes:
+        raise SnapshotError(f"no snapshot at {seq}: this writer has no snapshot store")
+
+    def model_digest(self, seq: int) -> bytes:
+        return self.load(seq)
+
+    def save(self, seq: int, payload: bytes, model_digest: bytes | None = None) -> str:
+        raise SnapshotError(
+            "this writer (a promoted replica) has no snapshot store: give the replica one "
+            "(--snapshots URL) to take snapshots after promotion"
+        )
+
+    def prune(self, keep: int) -> builtins.list[int]:
+        return []
+
+
+class _PromotedService(JournalService[M]):
+    """A JournalService that starts from a replica's model instead of a snapshot."""
+
+    def __init__(self, schema: Schema[M], model: M, seq: int, **kwargs: Any) -> None:
+        super().__init__(schema, **kwargs)
+        self._start_from = (model, seq)
+
+    def _load_snapshot(self, store: ISnapshotStore) -> tuple[M, int]:
+        return self._start_from
+
+
+@implementer(IReadDescriptor)
+class _Listener:
+    """
+    Watches a connection that ran ``LISTEN`` from the reactor: readable
+    means notifications (or the connection's end) arrived. Runs no query,
+    so it never blocks the reactor.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], woken: Callable[[], None], lost: Callable[[Failure], None]) -> None:
+        self.conn = conn
+        # The reactor watches a duplicate: libpq closes its own descriptor as
+        # soon as it sees the server go, and the reactor must still be able to
+        # unregister what it watches (epoll refuses a closed descriptor).
+        self._fd = os.dup(conn.pgconn.socket)
+        self._woken = woken
+        self._lost = lost
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Close the watched duplicate and the connection; remove it from the reactor first."""
+        fd, self._fd = self._fd, -1
+        if fd != -1:
+            os.close(fd)
+        self.conn.close()
+
+    def doRead(self) -> Failure | None:
+        pgconn = self.conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as e:
+            return Failure(ConnectionLost(f"the listening connection failed: {e}"))
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            return Failure(ConnectionLost("the listening connection closed"))
+        count = 0
+        while pgconn.notifies() is not None:
+            count += 1
+        if count:
+            self._woken()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+        self._lost(reason)
+
+    def logPrefix(self) -> str:
+        return "txjournal-listen"
 
 
 class ReplicaJournal(PostgresJournal):
@@ -119,6 +231,20 @@ class ReplicaJournal(PostgresJournal):
         self.journal_id = int(rows[0][0])
         self.salt = self.journal_id.to_bytes(8, "little")
 
+    def listen(self) -> psycopg.Connection[Any]:
+        """A new connection that has run ``LISTEN`` on the writer's channel (blocking)."""
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        try:
+            conn.execute(f"LISTEN {self.channel}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def writer_alive(self) -> bool:
+        """Whether a session holds the writer's lease (reads ``pg_locks``; takes no lock)."""
+        return bool(self.lease_holders())
+
     def append(self, data: bytes, first_seq: int, last_seq: int) -> None:
         raise ReadOnlyReplica(self.where, "append refused")
 
@@ -154,6 +280,14 @@ class ReplicaService(Service, Generic[M]):
     :param table_prefix: used when ``journal`` is a URL.
     :param max_batch: at most this many records are fetched and applied
         per poll (a replica far behind catches up over several polls).
+    :param listen: wake on the writer's ``NOTIFY`` as well as polling.
+    :param auto_promote: become the writer once no writer has held the
+        lease for ``promote_grace`` seconds (checked at every poll).
+    :param writer_options: keyword arguments of
+        :class:`~txjournal.service.JournalService` for the writer this
+        replica becomes when promoted (``snapshot_interval``,
+        ``keep_snapshots``, ``max_pending``, ``sync``...).
+    :param lease_timeout: seconds promotion waits for the writer's lease.
     """
 
     log = Logger()
@@ -169,7 +303,14 @@ class ReplicaService(Service, Generic[M]):
         table_prefix: str = "txjournal",
         serializer: ISnapshotSerializer | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        listen: bool = True,
+        auto_promote: bool = False,
+        promote_grace: float = 1.0,
+        writer_options: dict[str, Any] | None = None,
+        lease_timeout: float = 10.0,
     ) -> None:
+        if promote_grace < 0:
+            raise ValueError("promote_grace must not be negative")
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         if max_batch < 1:
@@ -205,6 +346,22 @@ class ReplicaService(Service, Generic[M]):
         self.loaded_snapshot_seq = 0
         #: Records applied since start-up, replay included.
         self.replayed = 0
+        self.listen = listen
+        self.auto_promote = auto_promote
+        self.promote_grace = promote_grace
+        self.writer_options = dict(writer_options or {})
+        self.lease_timeout = lease_timeout
+        self._listener: _Listener | None = None
+        self._listening: Deferred[None] | None = None
+        self._wake_queued = False
+        #: Notifications that woke a fetch (for tests and the curious).
+        self.wakeups = 0
+        self._writer_absent_since: float | None = None
+        self._promoted_waiters: list[Deferred[None]] = []
+        self._writer: _PromotedService[M] | None = None
+        self._promoting: Deferred[None] | None = None
+        #: Seconds the last promotion took (lease, epoch, catch-up replay).
+        self.promotion_seconds: float | None = None
 
     # -- helpers ------------------------------------------------------------------
 
@@ -227,6 +384,8 @@ class ReplicaService(Service, Generic[M]):
     @property
     def model(self) -> M:
         """The replicated model, as of :attr:`applied_seq`. Read it only."""
+        if self._writer is not None:
+            return self._writer.model
         if self._model is None:
             raise NotRunning("the replica has not finished starting")
         return self._model
@@ -270,6 +429,12 @@ class ReplicaService(Service, Generic[M]):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        self._stop_listening()
+        writer = self._writer
+        if writer is not None:
+            d0 = writer.stopService()
+            d0.addErrback(lambda f: self.log.failure("Error while stopping the promoted writer", f))
+            return d0
         d = self.pause_following()
 
         def release(_: object) -> Deferred[None]:
@@ -281,7 +446,10 @@ class ReplicaService(Service, Generic[M]):
         return d
 
     def _release(self) -> None:
+        self._stop_listening()
         self.journal.close()
+        if self._writer is not None:
+            return  # the writer owns the snapshot store now
         close_store = getattr(self.snapshots, "close", None)
         if close_store is not None:
             close_store()
@@ -296,6 +464,11 @@ class ReplicaService(Service, Generic[M]):
         Fire with :attr:`applied_seq` once the record ``seq`` is applied;
         fail if following stops (a gap, damage) or the replica stops first.
         """
+        if self._writer is not None:
+            applied = self._writer.engine.applied_seq
+            if applied >= seq:
+                return succeed(applied)
+            return fail(self._not_following(seq, applied))
         if self._model is not None and self.applied_seq >= seq:
             return succeed(self.applied_seq)
         if self.halted is not None:
@@ -328,15 +501,85 @@ class ReplicaService(Service, Generic[M]):
         self._loop = loop
         self._loop_done = loop.start(self.poll_interval, now=True)
 
+    # -- waking on NOTIFY ---------------------------------------------------------
+
+    def _start_listening(self) -> None:
+        """Open the LISTEN connection in a thread and watch it from the reactor."""
+        if not self.listen or self._listener is not None or self._listening is not None:
+            return
+        if self._writer is not None or self.halted is not None or not self.running:
+            return
+        d = self._in_thread(self.journal.listen)
+        self._listening = d
+
+        def listening(conn: psycopg.Connection[Any]) -> None:
+            self._listening = None
+            if not self.following:
+                conn.close()  # stopped or promoted meanwhile
+                return
+            listener = _Listener(conn, self._wake, self._listener_lost)
+            self._listener = listener
+            self._get_reactor().addReader(listener)
+            self.log.debug("Replica of {writer}: listening for appends", writer=self.writer)
+            self._wake()  # anything committed before LISTEN took effect
+
+        def failed(f: Failure) -> None:
+            self._listening = None
+            self.log.warn(
+                "Replica of {writer}: cannot listen for appends ({error}); polling every "
+                "{interval}s, trying again at the next poll",
+                writer=self.writer, error=f.getErrorMessage(), interval=self.poll_interval,
+            )
+
+        d.addCallbacks(listening, failed)
+
+    def _listener_lost(self, reason: Failure) -> None:
+        self._listener = None
+        if self.following:
+            self.log.warn(
+                "Replica of {writer}: the listening connection was lost ({error}); polling "
+                "until it is back", writer=self.writer, error=reason.getErrorMessage(),
+            )
+
+    def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._get_reactor().removeReader(listener)
+            listener.close()
+
+    def _wake(self) -> None:
+        """A notification: fetch now (once, however many arrived meanwhile)."""
+        if self._wake_queued or not self.following:
+            return
+        self._wake_queued = True
+        self.wakeups += 1
+
+        def done(_: object) -> None:
+            self._wake_queued = False
+
+        self._poll().addBoth(done)
+
     def _poll(self) -> Deferred[None]:
-        applied = self.applied_seq
-        d = self._db_lock.run(self._in_thread, self._fetch, applied)
-        d.addCallback(self._fetched, applied)
+        if self._listener is None:
+            self._start_listening()
+        d = self._db_lock.run(self._poll_locked)
         d.addErrback(self._poll_failed)
         return d
 
-    def _fetch(self, applied: int) -> tuple[list[rec.Record], tuple[int, int, int | None]]:
-        """In a pool thread: up to ``max_batch`` records past ``applied``, and the writer's position."""
+    def _poll_locked(self) -> Deferred[None]:
+        applied = self.applied_seq
+        d = self._in_thread(self._fetch, applied)
+        d.addCallback(self._fetched, applied)
+        return d
+
+    def _fetch(
+        self, applied: int
+    ) -> tuple[list[rec.Record], tuple[int, int, int | None], bool]:
+        """
+        In a pool thread: up to ``max_batch`` records past ``applied``, the
+        writer's position and (with ``auto_promote``) whether a writer holds
+        the lease.
+        """
         records: list[rec.Record] = []
         replay = self.journal.replay(applied + 1)
         try:
@@ -348,17 +591,48 @@ class ReplicaService(Service, Generic[M]):
             close = getattr(replay, "close", None)  # a generator: release its cursor state now
             if close is not None:
                 close()
-        return records, self.journal.position(applied)
+        alive = self.journal.writer_alive() if self.auto_promote else True
+        return records, self.journal.position(applied), alive
 
     def _fetched(
-        self, result: tuple[list[rec.Record], tuple[int, int, int | None]], applied: int
+        self, result: tuple[list[rec.Record], tuple[int, int, int | None], bool], applied: int
     ) -> None:
-        records, (newest, newest_ns, applied_ns) = result
-        if self._model is None or self.applied_seq != applied:
-            return  # stopped or restarted meanwhile: this batch is stale
+        records, (newest, newest_ns, applied_ns), alive = result
+        if self._model is None or self.applied_seq != applied or self._writer is not None:
+            return  # stopped, restarted or promoted meanwhile: this batch is stale
         self._apply(records)
         self._note_position(newest, newest_ns, applied_ns)
         self._fire_applied_waiters()
+        if self.auto_promote:
+            self._consider_promotion(alive)
+
+    def _consider_promotion(self, writer_alive: bool) -> None:
+        if writer_alive:
+            self._writer_absent_since = None
+            return
+        now = self._get_reactor().seconds()
+        if self._writer_absent_since is None:
+            self._writer_absent_since = now
+            self.log.warn(
+                "Replica of {writer}: no writer holds the lease; promoting this replica "
+                "in {grace}s unless one comes back", writer=self.writer, grace=self.promote_grace,
+            )
+        if now - self._writer_absent_since >= self.promote_grace and self._promoting is None:
+            self._get_reactor().callLater(0, self._auto_promote)
+
+    def _auto_promote(self) -> None:
+        if self._writer is not None or self._promoting is not None or not self.running:
+            return
+
+        def lost(f: Failure) -> None:
+            # Another replica won the lease, or the old writer came back.
+            self._writer_absent_since = None
+            self.log.info(
+                "Replica of {writer} stays a replica: {error}",
+                writer=self.writer, error=f.getErrorMessage(),
+            )
+
+        self.promote().addErrback(lost)
 
     def _note_position(self, newest: int, newest_ns: int, applied_ns: int | None) -> None:
         # The writer's newest row never goes away (pruning keeps it).
@@ -442,6 +716,144 @@ class ReplicaService(Service, Generic[M]):
             self.applied_time_ns = record.time_ns
             self.replayed += 1
 
+    # -- promotion ----------------------------------------------------------------
+
+    @property
+    def promoted(self) -> bool:
+        """Whether this replica has become the writer."""
+        return self._writer is not None
+
+    def when_promoted(self) -> Deferred[None]:
+        """Fire once this replica is the writer (by :meth:`promote` or automatically)."""
+        if self._writer is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._promoted_waiters.append(d)
+        return d
+
+    def _not_following(self, seq: int, applied: int) -> NotRunning:
+        return NotRunning(
+            f"this replica became the writer at sequence number {applied}: record {seq} "
+            f"will exist once a command is executed here"
+        )
+
+    def promote(self, take_over: bool = False) -> Deferred[None]:
+        """
+        Become the writer of the journal this replica follows, keeping the
+        model. Fires once commands are accepted; fails (and the replica
+        goes on following) if a writer holds the lease and ``take_over``
+        is false, or if the lease does not come within ``lease_timeout``.
+
+        :param take_over: fence a live writer (bump the epoch so its next
+            batch fails, end its database session) instead of refusing.
+        """
+        if self._writer is not None:
+            return succeed(None)
+        if self._promoting is not None:
+            waiting: Deferred[None] = Deferred()
+
+            def relay(result: object) -> object:
+                if isinstance(result, Failure):
+                    waiting.errback(result)
+                else:
+                    waiting.callback(None)
+                return result
+
+            self._promoting.addBoth(relay)
+            return waiting
+        if self._model is None or not self.running:
+            return fail(NotRunning("the replica is not running"))
+        if self.halted is not None:
+            return fail(RecoveryError(
+                f"the replica stopped following at sequence number {self.applied_seq} "
+                f"({self.halted.getErrorMessage()}); restart it instead of promoting it"
+            ))
+        started = time.monotonic()
+        self.log.info(
+            "Promoting the replica of {writer} at sequence number {seq}{how}",
+            writer=self.writer, seq=self.applied_seq,
+            how=" (taking over from a live writer)" if take_over else "",
+        )
+        self._stop_listening()
+        d: Deferred[Any] = self.pause_following()
+        d.addCallback(lambda _: self._db_lock.run(self._in_thread, self._open_writer_journal, take_over))
+        d.addCallback(self._become_writer, started)
+
+        def refused(f: Failure) -> Failure:
+            self._promoting = None
+            if self._writer is None and self.halted is None and self.running:
+                self.resume_following()
+            self.log.warn(
+                "Promotion of the replica of {writer} failed: {error}",
+                writer=self.writer, error=f.getErrorMessage(),
+            )
+            return f
+
+        def done(result: None) -> None:
+            self._promoting = None
+            return result
+
+        d.addCallbacks(done, refused)
+        self._promoting = d
+        return d
+
+    def _open_writer_journal(self, take_over: bool) -> PostgresJournal:
+        """In a pool thread: take the lease and the next writer epoch."""
+        journal = PostgresJournal(
+            self.journal._dsn, self.journal.table_prefix,
+            sync=self.writer_options.get("sync", True),
+            take_over=take_over, lease_timeout=self.lease_timeout,
+        )
+        try:
+            journal.open()
+        except BaseException:
+            journal.close()
+            raise
+        return journal
+
+    def _become_writer(self, journal: PostgresJournal, started: float) -> None:
+        """On the reactor: replay what was not applied yet, start accepting commands."""
+        model = self._model
+        assert model is not None
+        from_seq = self.applied_seq
+        options = dict(self.writer_options)
+        store: ISnapshotStore = self.snapshots if self.snapshots is not None else NoSnapshotStore()
+        if self.snapshots is None:
+            options["snapshot_on_stop"] = False
+            options["snapshot_interval"] = None
+        writer: _PromotedService[M] = _PromotedService(
+            self.schema, model, from_seq, journal=journal, snapshots=store,
+            reactor=self._reactor, serializer=self.serializer, **options,
+        )
+        try:
+            writer.startService()
+        except BaseException:
+            # The epoch was bumped and the model may have moved past
+            # applied_seq: this process can neither write nor follow.
+            self._halt(Failure())
+            raise
+        # No snapshot at the replica's position may exist yet: let the next one be written.
+        writer.last_snapshot_seq = max(store.list(), default=0)
+        self._writer = writer
+        self.journal.close()
+        self.promotion_seconds = time.monotonic() - started
+        self.log.info(
+            "Promoted: this process is now the writer of {where} (writer epoch {epoch}); "
+            "{count} records caught up on promotion, next sequence number {seq}; took {took:.3f}s",
+            where=journal.where, epoch=journal.epoch, count=writer.replayed,
+            seq=journal.next_seq, took=self.promotion_seconds,
+        )
+        applied = writer.engine.applied_seq
+        waiting, self._applied_waiters = self._applied_waiters, []
+        for seq, d in waiting:
+            if seq <= applied:
+                d.callback(applied)
+            else:
+                d.errback(self._not_following(seq, applied))
+        promoted, self._promoted_waiters = self._promoted_waiters, []
+        for done in promoted:
+            done.callback(None)
+
     # -- lag ----------------------------------------------------------------------
 
     def lag(self) -> dict[str, Any]:
@@ -453,6 +865,9 @@ class ReplicaService(Service, Generic[M]):
         the applied record is unknown), ``last_applied_seq``,
         ``writer_last_seq``. Use :meth:`check_lag` for a fresh reading.
         """
+        if self._writer is not None:
+            applied = self._writer.engine.applied_seq
+            return {"seq_behind": 0, "seconds_behind": 0.0, "last_applied_seq": applied, "writer_last_seq": applied}
         behind = max(0, self.writer_last_seq - self.applied_seq)
         seconds: float | None = 0.0
         if behind:
@@ -469,6 +884,8 @@ class ReplicaService(Service, Generic[M]):
 
     def check_lag(self) -> Deferred[dict[str, Any]]:
         """Ask the database for the writer's position now (applies nothing); Deferred of :meth:`lag`."""
+        if self._writer is not None:
+            return succeed(self.lag())
         if self._model is None:
             return fail(NotRunning("the replica is not running"))
         applied = self.applied_seq
@@ -483,17 +900,25 @@ class ReplicaService(Service, Generic[M]):
     # -- commands and queries -----------------------------------------------------
 
     def execute(self, command: Any, user: str | None = None) -> Deferred[Any]:
+        if self._writer is not None:
+            return self._writer.execute(command, user)
         name = getattr(type(command), "__name__", repr(command))
         return fail(ReadOnlyReplica(self.writer, f"command {name} refused"))
 
     def execute_named(self, name: str, kwargs: dict[str, Any], user: str | None = None) -> Deferred[Any]:
+        if self._writer is not None:
+            return self._writer.execute_named(name, kwargs, user)
         return fail(ReadOnlyReplica(self.writer, f"command {name!r} refused"))
 
     def snapshot(self) -> Deferred[int]:
+        if self._writer is not None:
+            return self._writer.snapshot()
         return fail(ReadOnlyReplica(self.writer, "snapshot refused (the writer takes snapshots)"))
 
     def query(self, query: object, /, **kwargs: Any) -> Any:
         """Run a named query with ``kwargs``, or call ``query(model)``."""
+        if self._writer is not None:
+            return self._writer.query(query, **kwargs)
         model = self.model
         if callable(query):
             return query(model, **kwargs)
@@ -503,6 +928,8 @@ class ReplicaService(Service, Generic[M]):
 
     def query_as(self, user: str | None, name: str, kwargs: dict[str, Any]) -> Deferred[Any]:
         """Run the named query; a Deferred, like the writer's (``user`` is not recorded)."""
+        if self._writer is not None:
+            return self._writer.query_as(user, name, kwargs)
         try:
             self.model  # noqa: B018 - raises NotRunning before start
             return succeed(self._run_query(name, kwargs))

@@ -219,7 +219,8 @@ class Options(usage.Options):
         ["journal", None, "", "Where the journal lives: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/journal, the default)."],
         ["snapshots", None, "", "Where snapshots live: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/snapshots, the default)."],
         ["replica-of", None, "", "Run as a read-only replica following the writer's PostgreSQL journal at this URL (postgresql://user@host/db): queries only, commands are refused."],
-        ["poll-interval", None, 0.5, "With --replica-of: seconds between polls for new journal records.", _non_negative_float],
+        ["poll-interval", None, 0.5, "With --replica-of: seconds between polls for new journal records (the writer's NOTIFY wakes the replica sooner).", _non_negative_float],
+        ["promote-grace", None, 1.0, "With --auto-promote: seconds without a live writer before this replica promotes itself.", _non_negative_float],
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
@@ -229,6 +230,8 @@ class Options(usage.Options):
     optFlags = [
         ["no-pb", None, "Do not listen for PB clients (the journal only)."],
         ["no-snapshot-on-stop", None, "Do not write a snapshot on a clean shutdown."],
+        ["take-over", None, "With a PostgreSQL --journal: if another writer is alive, fence it and end its session instead of refusing to start."],
+        ["auto-promote", None, "With --replica-of: become the writer when no writer has held the journal's lease for --promote-grace seconds."],
         [
             "unsafe-no-sync",
             None,
@@ -266,6 +269,12 @@ class Options(usage.Options):
                 raise usage.UsageError("--replica-of and --journal exclude each other: a replica has no journal of its own")
             if not self["poll-interval"] > 0:
                 raise usage.UsageError("--poll-interval must be more than 0 seconds")
+            if self["take-over"]:
+                raise usage.UsageError("--take-over is for a writer; a replica takes over with 'python -m txjournal promote --take-over'")
+        elif self["auto-promote"]:
+            raise usage.UsageError("--auto-promote needs --replica-of: only a replica is promoted")
+        if self["take-over"] and not self["journal"].startswith(("postgresql://", "postgres://")):
+            raise usage.UsageError("--take-over needs a PostgreSQL --journal: only it has a lease to take over")
         datadir = self["datadir"] or os.path.join("var", self.schema.name)
         self["datadir"] = os.path.abspath(datadir)
         self.users = None
@@ -326,12 +335,27 @@ def makeService(options: Options) -> MultiService:
             options["replica-of"],
             snapshots=open_snapshot_store(options["snapshots"]) if options["snapshots"] else None,
             poll_interval=options["poll-interval"],
+            auto_promote=bool(options["auto-promote"]),
+            promote_grace=options["promote-grace"],
+            # What the replica becomes if promoted: a writer like any other.
+            writer_options={
+                "sync": sync,
+                "snapshot_interval": interval or None,
+                "snapshot_on_stop": not options["no-snapshot-on-stop"],
+                "keep_snapshots": options["keep-snapshots"],
+            },
         )
     else:
+        journal_backend = open_journal(options["journal"], sync=sync)
+        if options["take-over"]:
+            from txjournal.journal.postgres import PostgresJournal
+
+            assert isinstance(journal_backend, PostgresJournal)
+            journal_backend.take_over = True
         journal = JournalService(
             options["schema"],
             options["datadir"],
-            journal=open_journal(options["journal"], sync=sync),
+            journal=journal_backend,
             snapshots=open_snapshot_store(options["snapshots"]),
             sync=sync,
             snapshot_interval=interval or None,

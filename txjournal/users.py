@@ -7,8 +7,9 @@ The file holds one user per line::
     admin:Zk3...:rw
     reports:q9X...:ro
 
-``role`` is ``rw`` (may execute commands and run queries) or ``ro`` (may
-only run queries). Blank lines and lines starting with ``#`` are ignored.
+``role`` is ``rw`` (may execute commands and run queries), ``ro`` (may
+only run queries) or ``admin`` (as ``rw``, and may also run operator
+actions such as promoting a replica to writer). Blank lines and lines starting with ``#`` are ignored.
 The password is everything between the first and the last colon, so it may
 itself contain colons.
 
@@ -42,8 +43,8 @@ from zope.interface import implementer
 from txjournal.errors import TxJournalError
 
 #: The roles a user may have: ``rw`` executes commands and queries,
-#: ``ro`` only queries.
-ROLES = ("rw", "ro")
+#: ``ro`` only queries, ``admin`` also runs operator actions (promotion).
+ROLES = ("rw", "ro", "admin")
 
 #: Mode bits a users file must not have: nothing for "other".
 _FORBIDDEN_MODE = 0o007
@@ -75,7 +76,7 @@ class User:
     @property
     def can_execute(self) -> bool:
         """Whether this user may execute commands (only queries otherwise)."""
-        return self.role == "rw"
+        return self.role in ("rw", "admin")
 
 
 class Users(Mapping[str, User]):

@@ -1,0 +1,410 @@
+"""
+The writer's lease, NOTIFY-driven replicas and promotion, against the real
+PostgreSQL server (see ``pg_support``). No sleeps: waits are on Deferreds
+(``when_applied``, ``promote``) bounded by ``addTimeout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_twisted
+from pg_support import PG_DSN, drop_tables, require_pg, sql, unique_prefix
+from twisted.internet import defer, reactor
+
+from examples.bank import Deposit, bank
+from txjournal import JournalService
+from txjournal.errors import JournalWriteError, NotRunning, SnapshotError, WriterActive
+from txjournal.journal.memory import MemorySnapshotStore
+from txjournal.journal.postgres import PostgresJournal, lease_key
+from txjournal.journal.sql import Fenced
+from txjournal.replica import ReadOnlyReplica, ReplicaService
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 20.0  # seconds any single wait may take before the test fails
+
+
+def within(d: defer.Deferred[Any], seconds: float = WAIT) -> defer.Deferred[Any]:
+    return d.addTimeout(seconds, reactor)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    require_pg()
+    name = unique_prefix()
+    yield name
+    drop_tables(name)
+
+
+class Cluster:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.services: list[Any] = []
+        self.snapshots = MemorySnapshotStore()
+
+    def journal(self, **kw: Any) -> PostgresJournal:
+        return PostgresJournal(PG_DSN, table_prefix=self.prefix, **kw)
+
+    def writer(self, **kw: Any) -> JournalService[Any]:
+        svc: JournalService[Any] = JournalService(
+            bank, journal=self.journal(**kw), snapshots=self.snapshots, snapshot_on_stop=False,
+        )
+        svc.startService()
+        self.services.append(svc)
+        return svc
+
+    def replica(self, **kw: Any) -> ReplicaService[Any]:
+        kw.setdefault("poll_interval", 0.05)
+        rep: ReplicaService[Any] = ReplicaService(bank, PG_DSN, table_prefix=self.prefix, **kw)
+        rep.startService()
+        self.services.append(rep)
+        return rep
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(prefix: str) -> AsyncIterator[Cluster]:
+    c = Cluster(prefix)
+    yield c
+    for svc in reversed(c.services):
+        if svc.running:
+            await svc.stopService()
+
+
+def epoch(prefix: str) -> int:
+    return int(sql(f"SELECT value FROM {prefix}_meta WHERE key = 'writer_epoch'")[0][0])  # type: ignore[call-overload]
+
+
+def stored_seqs(prefix: str) -> list[int]:
+    return [int(r[0]) for r in sql(f"SELECT seq FROM {prefix}_records ORDER BY seq")]  # type: ignore[call-overload]
+
+
+# -- the lease -----------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_while_the_first_is_alive(prefix: str) -> None:
+    first = PostgresJournal(PG_DSN, table_prefix=prefix)
+    first.open()
+    list(first.replay(1))
+    try:
+        second = PostgresJournal(PG_DSN, table_prefix=prefix, lease_timeout=0.2)
+        with pytest.raises(WriterActive) as caught:
+            second.open()
+        second.close()
+        # The message names the live writer's session, so an operator can find it.
+        assert f"server pid {first.backend_pid}" in str(caught.value)
+        assert "txjournal writer" in str(caught.value) and "--take-over" in str(caught.value)
+        assert epoch(prefix) == first.epoch  # the refused writer fenced nobody
+    finally:
+        first.close()
+    # Once the first is gone (its session ended), the lease is free.
+    third = PostgresJournal(PG_DSN, table_prefix=prefix, lease_timeout=5)
+    third.open()
+    assert third.epoch == first.epoch + 1
+    third.close()
+
+
+def test_a_terminated_writer_frees_the_lease_and_fails_its_next_batch(prefix: str) -> None:
+    from test_sql_journals import encoded
+
+    first = PostgresJournal(PG_DSN, table_prefix=prefix)
+    first.open()
+    list(first.replay(1))
+    first.append(encoded(first, 1, 2), 1, 2)
+    sql("SELECT pg_terminate_backend(%s)", (first.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):
+        first.append(encoded(first, 3, 1), 3, 3)
+    assert first.backend_pid is None  # the failed journal let its connection go
+    second = PostgresJournal(PG_DSN, table_prefix=prefix, lease_timeout=5)
+    second.open()
+    assert [r.seq for r in second.replay(1)] == [1, 2]
+    second.close()
+    assert stored_seqs(prefix) == [1, 2]
+
+
+def test_a_fenced_writer_lets_its_lease_go(prefix: str) -> None:
+    from test_sql_journals import encoded
+
+    old = PostgresJournal(PG_DSN, table_prefix=prefix)
+    old.open()
+    list(old.replay(1))
+    sql(f"UPDATE {prefix}_meta SET value = '999' WHERE key = 'writer_epoch'")  # as a take-over would
+    with pytest.raises(Fenced, match="epoch 999"):
+        old.append(encoded(old, 1, 3), 1, 3)
+    assert stored_seqs(prefix) == []
+    assert sql(sql_holders(old)) == []
+
+
+def sql_holders(journal: PostgresJournal) -> str:
+    key = lease_key(journal.journal_id) & 0xFFFFFFFFFFFFFFFF
+    return (
+        f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        f"AND classid::bigint = {key >> 32} AND objid::bigint = {key & 0xFFFFFFFF}"
+    )
+
+
+def test_each_append_notifies_with_its_last_sequence_number(prefix: str) -> None:
+    from test_sql_journals import encoded
+
+    journal = PostgresJournal(PG_DSN, table_prefix=prefix)
+    journal.open()
+    list(journal.replay(1))
+    with psycopg.connect(PG_DSN, autocommit=True) as listener:
+        listener.execute(f"LISTEN {journal.channel}")
+        journal.append(encoded(journal, 1, 3), 1, 3)
+        journal.append(encoded(journal, 4, 1), 4, 4)
+        got = [n.payload for n in listener.notifies(timeout=5, stop_after=2)]
+    journal.close()
+    assert got == ["3", "4"]
+
+
+# -- replicas woken by NOTIFY ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_replica_wakes_on_notify_long_before_its_next_poll(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica(poll_interval=3600)  # one poll at start, then only NOTIFY
+    await within(replica.when_applied(1))
+    for i in range(5):
+        await writer.execute(Deposit("alice", 1))
+        await within(replica.when_applied(2 + i))
+    assert replica.model.accounts == {"alice": 6}
+    assert replica.wakeups >= 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_replica_without_listen_relies_on_polling(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    replica = cluster.replica(listen=False, poll_interval=0.05)
+    await writer.execute(Deposit("alice", 1))
+    await within(replica.when_applied(1))
+    assert replica.wakeups == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_listening_connection_falls_back_to_polling_and_listens_again(
+    cluster: Cluster,
+) -> None:
+    writer = cluster.writer()
+    replica = cluster.replica(poll_interval=0.05)
+    await writer.execute(Deposit("alice", 1))
+    await within(replica.when_applied(1))
+    listener = replica._listener
+    assert listener is not None
+    sql("SELECT pg_terminate_backend(%s)", (listener.conn.info.backend_pid,))
+    await writer.execute(Deposit("alice", 1))
+    await within(replica.when_applied(2))  # polling carries on
+    # A later poll listens again on a new connection.
+    await until(lambda: replica._listener is not None and replica._listener is not listener)
+    woken = replica.wakeups
+    await writer.execute(Deposit("alice", 1))
+    await within(replica.when_applied(3))
+    assert replica.model.accounts == {"alice": 3}
+    assert replica.wakeups >= woken
+
+
+async def until(condition: Callable[[], bool], seconds: float = WAIT) -> None:
+    """Wait for a condition nothing signals, checking every 20 ms; fail after ``seconds``."""
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    pytest.fail(f"condition not met within {seconds}s")
+
+
+# -- promotion --------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_after_the_writer_stopped_keeps_every_command(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    for i in range(10):
+        await writer.execute(Deposit(f"c{i % 3}", i + 1))
+    replica = cluster.replica(snapshots=cluster.snapshots)
+    await within(replica.when_applied(10))
+    accounts = dict(writer.model.accounts)
+    await writer.stopService()
+    writer_epoch = epoch(cluster.prefix)
+
+    await within(replica.promote())
+    assert replica.promoted and replica.promotion_seconds is not None
+    assert epoch(cluster.prefix) == writer_epoch + 1
+    assert replica.model.accounts == accounts
+    assert await replica.execute(Deposit("c0", 100)) == accounts["c0"] + 100
+    assert await replica.execute_named("deposit", {"account": "new", "amount": 7}) == 7
+    assert stored_seqs(cluster.prefix) == list(range(1, 13))
+    assert replica.lag()["seq_behind"] == 0
+    # The promoted writer takes snapshots in the replica's store.
+    assert await replica.snapshot() == 12
+    assert cluster.snapshots.list()[0] == 12
+    # The old writer cannot come back as a writer while the new one lives.
+    with pytest.raises(WriterActive):
+        PostgresJournal(PG_DSN, table_prefix=cluster.prefix, lease_timeout=0.2).open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_catches_up_records_the_replica_had_not_applied(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica()
+    await within(replica.when_applied(1))
+    await replica.pause_following()
+    for _ in range(7):
+        await writer.execute(Deposit("alice", 1))
+    await writer.stopService()
+    assert replica.applied_seq == 1
+    await within(replica.promote())
+    assert replica.model.accounts == {"alice": 8}
+    assert await replica.execute(Deposit("alice", 1)) == 9
+    assert stored_seqs(cluster.prefix) == list(range(1, 10))
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_is_refused_while_a_writer_is_alive_and_the_replica_goes_on(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica(lease_timeout=0.2)
+    await within(replica.when_applied(1))
+    before = epoch(cluster.prefix)
+    with pytest.raises(WriterActive, match="another writer holds the lease"):
+        await within(replica.promote())
+    assert not replica.promoted and replica.following
+    assert epoch(cluster.prefix) == before  # nobody was fenced
+    await writer.execute(Deposit("alice", 1))  # the writer is unharmed
+    await within(replica.when_applied(2))  # and the replica still follows
+    with pytest.raises(ReadOnlyReplica):
+        await replica.execute(Deposit("alice", 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_with_take_over_under_load_loses_no_acknowledged_command(
+    cluster: Cluster,
+) -> None:
+    writer = cluster.writer()
+    replica = cluster.replica()
+    acked: dict[str, int] = {}
+    refused: list[BaseException] = []
+    reached: defer.Deferred[None] = defer.Deferred()
+
+    async def caller(account: str) -> None:
+        for _ in range(5000):
+            try:
+                acked[account] = await writer.execute(Deposit(account, 1))
+            except JournalWriteError as e:
+                refused.append(e)
+                return
+            if sum(acked.values()) >= 300 and not reached.called:
+                reached.callback(None)
+
+    callers = [defer.ensureDeferred(caller(f"c{i}")) for i in range(10)]
+    await within(reached)
+    await within(replica.promote(take_over=True))
+    await within(defer.gatherResults(callers))
+    assert len(refused) == 10  # every caller saw the old writer fail-stop
+    for account, balance in acked.items():
+        assert replica.model.accounts[account] >= balance, account
+    # Nothing invented: the journal holds exactly what the model shows.
+    assert stored_seqs(cluster.prefix) == list(range(1, sum(replica.model.accounts.values()) + 1))
+    assert await replica.execute(Deposit("after", 1)) == 1
+    # The old writer fails fast and stays failed.
+    with pytest.raises(JournalWriteError):
+        await writer.execute(Deposit("late", 1))
+    assert "late" not in replica.model.accounts
+
+
+@pytest_twisted.ensureDeferred
+async def test_auto_promotion_elects_exactly_one_replica(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 5))
+    a = cluster.replica(auto_promote=True, promote_grace=0.1, lease_timeout=1)
+    b = cluster.replica(auto_promote=True, promote_grace=0.1, lease_timeout=1)
+    await within(a.when_applied(1))
+    await within(b.when_applied(1))
+    assert not a.promoted and not b.promoted  # the writer is alive
+    await writer.stopService()
+    first = await within(defer.DeferredList([a.when_promoted(), b.when_promoted()], fireOnOneCallback=True))
+    winner, other = (a, b) if first[1] == 0 else (b, a)
+    assert winner.promoted
+    assert await winner.execute(Deposit("alice", 1)) == 6
+    await within(other.when_applied(2))  # the loser follows the new writer
+    assert not other.promoted and other.model.accounts == {"alice": 6}
+    with pytest.raises(ReadOnlyReplica):
+        await other.execute(Deposit("alice", 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_promoted_without_a_snapshot_store_refuses_snapshots_clearly(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica()
+    await within(replica.when_applied(1))
+    await writer.stopService()
+    await within(replica.promote())
+    with pytest.raises(SnapshotError, match="no snapshot store"):
+        await replica.snapshot()
+    assert await replica.execute(Deposit("alice", 1)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_promote_of_a_stopped_replica_fails(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica()
+    await replica.stopService()
+    with pytest.raises(NotRunning):
+        await replica.promote()
+
+
+# -- over Perspective Broker -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pb_status_and_promote_need_the_admin_role(cluster: Cluster) -> None:
+    from test_pb import Harness, assert_remote, remote_failure
+
+    from txjournal.pb import PermissionDenied, RemoteArgumentError, RemoteJournalError
+
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 10))
+    replica = cluster.replica(lease_timeout=0.2)
+    await within(replica.when_applied(1))
+    on_writer, on_replica = Harness(writer), Harness(replica)  # type: ignore[arg-type]
+    await on_writer.start()
+    await on_replica.start()
+    try:
+        reader = await on_replica.login("reader", "reader-pw")
+        status = await reader.callRemote("status")
+        assert status["role"] == "replica" and status["last_seq"] == 1
+        assert status["lag"]["seq_behind"] == 0
+        for name, password in (("reader", "reader-pw"), ("alice", "alice-pw")):
+            user = await on_replica.login(name, password)
+            e = await remote_failure(user.callRemote("promote", False))
+            assert_remote(e, PermissionDenied, "admin role")
+        ops = await on_replica.login("ops", "ops-pw")
+        e = await remote_failure(ops.callRemote("promote", "yes"))
+        assert_remote(e, RemoteArgumentError, "take_over")
+        e = await remote_failure(ops.callRemote("promote", False))  # the writer lives
+        assert_remote(e, RemoteJournalError, "another writer holds the lease")
+        assert not replica.promoted
+
+        ops_on_writer = await on_writer.login("ops", "ops-pw")
+        e = await remote_failure(ops_on_writer.callRemote("promote", False))
+        assert_remote(e, RemoteArgumentError, "writer already")
+        assert (await ops_on_writer.callRemote("status"))["role"] == "writer"
+
+        await writer.stopService()
+        status = await ops.callRemote("promote", False)
+        assert status == {"role": "writer", "last_seq": 1, "lag": None}
+        alice = await on_replica.login("alice", "alice-pw")
+        assert await alice.callRemote("execute", "deposit", {"account": "alice", "amount": 1}) == 11
+        assert (await alice.callRemote("status"))["last_seq"] == 2
+    finally:
+        await on_replica.close()
+        await on_writer.close()
