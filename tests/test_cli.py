@@ -220,7 +220,7 @@ def test_adduser_with_password_file_and_duplicate(
 
 def test_adduser_bad_role(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
-        main(["adduser", "--users", str(tmp_path / "u"), "bob", "admin"])
+        main(["adduser", "--users", str(tmp_path / "u"), "bob", "root"])
     assert e.value.code == EXIT_USAGE
 
 
@@ -231,10 +231,10 @@ class Server:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         users = tmp_path / "users"
-        users.write_text("admin:admin-pw:rw\nreader:reader-pw:ro\n")
+        users.write_text("admin:admin-pw:rw\nreader:reader-pw:ro\nops:ops-pw:admin\n")
         users.chmod(0o600)
         self.users = load_users(str(users))
-        for name in ("admin", "reader"):
+        for name in ("admin", "reader", "ops"):
             (tmp_path / f"{name}.pw").write_text(f"{name}-pw\n")
         (tmp_path / "bad.pw").write_text("wrong\n")
         self.service: JournalService[Any] = JournalService(bank, datadir=str(tmp_path / "data"))
@@ -430,3 +430,16 @@ async def test_timeout(server: Server) -> None:
         silent.clear()
     assert code == EXIT_CONNECT
     assert b"timed out after 1s while logging in" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_status_and_promote_of_a_writer(server: Server) -> None:
+    code, out, err = await server.cli("status", user="reader")
+    assert (code, json.loads(out)) == (EXIT_OK, {"role": "writer", "last_seq": 0, "lag": None}), err
+    code, out, err = await server.cli("promote", user="admin")  # rw is not enough
+    assert code == EXIT_FAILED and "admin role" in err, err
+    code, out, err = await server.cli("promote", "--take-over", user="ops")
+    assert code == EXIT_USAGE and "writer already" in err, err
+    assert out == ""

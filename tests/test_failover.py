@@ -408,3 +408,43 @@ async def test_pb_status_and_promote_need_the_admin_role(cluster: Cluster) -> No
     finally:
         await on_replica.close()
         await on_writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_python_m_txjournal_promote_turns_a_replica_into_the_writer(
+    cluster: Cluster, tmp_path: Any
+) -> None:
+    import json
+    import os
+    import sys
+
+    from test_pb import Harness
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 3))
+    replica = cluster.replica()
+    await within(replica.when_applied(1))
+    harness = Harness(replica)  # type: ignore[arg-type]
+    await harness.start()
+    (tmp_path / "ops.pw").write_text("ops-pw\n")
+
+    async def cli(*argv: str) -> tuple[int, Any, str]:
+        subcommand, *rest = argv
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "txjournal", subcommand, "--connect", f"tcp:127.0.0.1:{harness.port.getHost().port}",
+             "--user", "ops", "--password-file", str(tmp_path / "ops.pw"), *rest],
+            env=dict(os.environ),
+        )
+        return code, json.loads(out) if out.strip() else None, err.decode()
+
+    try:
+        code, status, err = await cli("status")
+        assert code == 0 and status["role"] == "replica", err
+        await writer.stopService()
+        code, status, err = await cli("promote")
+        assert code == 0 and status == {"role": "writer", "last_seq": 1, "lag": None}, err
+        assert await replica.execute(Deposit("alice", 1)) == 4
+    finally:
+        await harness.close()

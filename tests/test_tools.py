@@ -734,3 +734,24 @@ def test_verify_reports_what_startup_refuses_or_kept_aside(tmp_path: Path) -> No
     messages = [(p.severity, p.message) for p in report.problems]
     assert any(sev == "error" and "start-up refuses this directory" in m for sev, m in messages)
     assert any(sev == "warning" and "may have been acknowledged" in m for sev, m in messages)
+
+
+def test_verify_reports_a_record_of_an_unknown_kind(built: Built, capsys: pytest.CaptureFixture[str]) -> None:
+    """Replay refuses a kind this version does not know, so verify says so (file journals too)."""
+    import msgpack
+
+    journal = FileJournal(str(built.datadir / "journal"), segment_size=built.segment_size, sync=False)
+    journal.open()
+    last = list(journal.replay())[-1]
+    seq = journal.next_seq
+    journal.append(
+        rec.encode_record(journal.salt, seq, last.time_ns + 1, b"deposit", 1,
+                          msgpack.packb({"account": "a", "amount": 1}), b"", 9),
+        seq, seq,
+    )
+    journal.close()
+    report = verify(str(built.datadir))
+    assert [(p.seq, p.severity, p.command) for p in report.problems] == [(seq, "error", "deposit")]
+    assert "kind 9, unknown to this version of txjournal" in report.problems[0].message
+    code, out, _err = run_cli(capsys, "verify", str(built.datadir))
+    assert code == 1 and f"(seq {seq}, command 'deposit'): a record of kind 9" in out

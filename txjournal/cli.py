@@ -94,7 +94,10 @@ def _configure_adduser(parser: argparse.ArgumentParser) -> None:
         help="read the password from the first line of FILE ('-': stdin) instead of generating one",
     )
     parser.add_argument("name", help="user name")
-    parser.add_argument("role", choices=["rw", "ro"], help="rw: commands and queries; ro: queries only")
+    parser.add_argument(
+        "role", choices=["rw", "ro", "admin"],
+        help="rw: commands and queries; ro: queries only; admin: rw plus promoting a replica",
+    )
 
 
 def _run_adduser(args: argparse.Namespace) -> int:
@@ -305,7 +308,7 @@ def to_json(value: Any) -> Any:
 # -- call and query ---------------------------------------------------------------
 
 
-def _configure_remote(parser: argparse.ArgumentParser, what: str) -> None:
+def _configure_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect",
         default=DEFAULT_CONNECT,
@@ -327,6 +330,10 @@ def _configure_remote(parser: argparse.ArgumentParser, what: str) -> None:
         metavar="SECONDS",
         help=f"give up after this long (default {DEFAULT_TIMEOUT:g})",
     )
+
+
+def _configure_remote(parser: argparse.ArgumentParser, what: str) -> None:
+    _configure_connection(parser)
     parser.add_argument("name", help=f"the {what} to run")
     parser.add_argument(
         "arguments",
@@ -342,6 +349,24 @@ def _configure_call(parser: argparse.ArgumentParser) -> None:
 
 def _configure_query(parser: argparse.ArgumentParser) -> None:
     _configure_remote(parser, "query")
+
+
+def _configure_promote(parser: argparse.ArgumentParser) -> None:
+    _configure_connection(parser)
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="if the writer is still alive (hung, partitioned), fence it and end its "
+        "database session instead of refusing",
+    )
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    return _run_remote(args, "promote")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    return _run_remote(args, "status")
 
 
 def _run_call(args: argparse.Namespace) -> int:
@@ -394,6 +419,7 @@ async def _remote_session(reactor: Any, args: argparse.Namespace, kind: str, pas
         _error(
             f"timed out after {args.timeout:g}s while {phase[0]}"
             + ("; it may or may not have been executed" if sent and kind == "command" else "")
+            + ("; the replica may or may not have been promoted" if sent and kind == "promote" else "")
         )
         return EXIT_FAILED if sent else EXIT_CONNECT
     except Exception as e:
@@ -455,6 +481,12 @@ async def _remote_call(
             raise RemoteProblem(f"cannot connect to {args.connect}: {e}", EXIT_CONNECT) from None
 
         try:
+            if kind == "status":
+                phase[0] = "asking for the server's status"
+                return await avatar.callRemote("status")
+            if kind == "promote":
+                phase[0] = "waiting for the promotion"
+                return await avatar.callRemote("promote", bool(args.take_over))
             phase[0] = "asking the server to describe its schema"
             description = await avatar.callRemote("describe")
             section = description["commands" if kind == "command" else "queries"]
@@ -476,7 +508,10 @@ async def _remote_call(
                 raise RemoteProblem(str(e), EXIT_FAILED) from None
             raise RemoteProblem(str(e), EXIT_FAILED) from None
         except (ConnectionClosed, pb.PBConnectionLost) as e:
-            unknown = "; it may or may not have been executed" if kind == "command" else ""
+            unknown = {
+                "command": "; it may or may not have been executed",
+                "promote": "; the replica may or may not have been promoted (ask with 'status')",
+            }.get(kind, "")
             raise RemoteProblem(f"lost the connection while {phase[0]}{unknown}: {e}", EXIT_FAILED) from None
     finally:
         factory.disconnect()
@@ -504,8 +539,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "adduser": Subcommand("add a user to a users file", _configure_adduser, _run_adduser),
     "call": Subcommand("execute a command on a running server", _configure_call, _run_call),
     "query": Subcommand("run a query on a running server", _configure_query, _run_query),
+    "status": Subcommand(
+        "show whether a running server is the writer or a replica, and its lag",
+        _configure_connection,
+        _run_status,
+    ),
+    "promote": Subcommand(
+        "turn a running replica into the writer (needs the admin role)", _configure_promote, _run_promote
+    ),
     "verify": Subcommand(
-        "check a data directory's journal and snapshots", tools_cli.configure_verify, tools_cli.run_verify
+        "check a journal (a data directory, or an SQL journal by URL) and its snapshots",
+        tools_cli.configure_verify,
+        tools_cli.run_verify,
     ),
     "inspect": Subcommand(
         "list journal records (no application code needed)", tools_cli.configure_inspect, tools_cli.run_inspect

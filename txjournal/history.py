@@ -21,7 +21,16 @@ pruned), which makes three questions answerable without a running service:
 Everything here reads the journal with a read-only
 :class:`~txjournal.journal.file.FileJournal`; only :func:`rebuild` writes,
 and only after taking ``DATADIR/LOCK`` so that it cannot race a running
-service. Replay follows start-up's rules exactly: a command that raises is
+service. :func:`check` and :func:`replay_to` also read an SQL journal
+named by URL (``sqlite:///path.db``, ``postgresql://user@host/db``), and
+a snapshot store named by ``snapshots`` (see
+:func:`txjournal.tools.open_snapshots`), both read-only: no table is
+created, and a PostgreSQL journal is never taken over (its running writer
+is not fenced). An SQL journal has no snapshots unless one is named.
+:func:`rebuild` refuses URLs: it writes, and only a data directory's
+``LOCK`` keeps a running service out of the way.
+
+Replay follows start-up's rules exactly: a command that raises is
 part of history (counted, not fatal), retired command names are skipped
 on purpose, records that are not commands (query audit records) are
 skipped, and a record that the code cannot decode (unknown name, version
@@ -37,24 +46,44 @@ talking.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from txjournal import record as rec
+from txjournal import urls
 from txjournal.errors import InvalidArguments, SnapshotError, UnknownCommand
 from txjournal.fs import OSFileSystem, check_private_dir
 from txjournal.interfaces import IFileSystem, ISnapshotSerializer
 from txjournal.journal.file import FileJournal
+from txjournal.journal.readonly import ReadOnlySQLJournal
 from txjournal.lock import DataDirLock
 from txjournal.schema import Context, Schema
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
-from txjournal.tools import MovedFile, NotADataDir, ToolError, iso_ns, unique_path
+from txjournal.tools import (
+    DEFAULT_TABLE_PREFIX,
+    MovedFile,
+    NeedsDataDir,
+    NotADataDir,
+    ToolError,
+    ToolJournal,
+    ToolSnapshots,
+    close_snapshots,
+    iso_ns,
+    open_snapshots,
+    open_sql_journal,
+    snapshot_digests,
+    snapshot_location,
+    snapshots_location,
+    source_name,
+    unique_path,
+)
 
 #: ``progress(records done, records expected or None)``.
 ProgressCallback = Callable[[int, int | None], None]
@@ -232,13 +261,55 @@ def _open_journal(datadir: str) -> FileJournal:
     return journal
 
 
+@dataclass
+class _Source:
+    """A journal and its snapshot store (if any), opened read-only for a replay."""
+
+    name: str
+    journal: ToolJournal
+    store: ToolSnapshots | None
+
+    def close(self) -> None:
+        try:
+            if isinstance(self.journal, ReadOnlySQLJournal):
+                self.journal.close()
+        finally:
+            close_snapshots(self.store)
+
+
+@contextlib.contextmanager
+def _opened(source: str, snapshots: str | None, table_prefix: str) -> Iterator[_Source]:
+    """
+    A data directory's or an SQL journal's :class:`_Source`; an SQL
+    journal is read in one read-only transaction (one moment of it).
+    """
+    if urls.is_url(source):
+        journal: ToolJournal = open_sql_journal(source, table_prefix)
+        datadir = None
+    else:
+        datadir = _check_datadir(source)
+        journal = _open_journal(datadir)
+    opened = _Source(datadir or source_name(source), journal, None)
+    try:
+        opened.store = open_snapshots(snapshots, datadir, table_prefix)
+        if isinstance(journal, ReadOnlySQLJournal):
+            with journal.consistent():
+                yield opened
+        else:
+            yield opened
+    finally:
+        opened.close()
+
+
 def _snapshots(datadir: str, readonly: bool = True) -> FileSnapshotStore:
     return FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=readonly)
 
 
-def estimate_last_seq(journal: FileJournal) -> int | None:
+def estimate_last_seq(journal: ToolJournal) -> int | None:
     """
     The journal's last sequence number, cheaply, for progress totals.
+
+    An SQL journal simply says (``max(seq)``); for files:
 
     Only the last segment is read, walking its length prefixes without
     checking checksums (the replay that follows checks everything), so
@@ -246,6 +317,8 @@ def estimate_last_seq(journal: FileJournal) -> int | None:
     journal. A torn tail may make it one or two records too high; it is an
     estimate, never used for anything but progress.
     """
+    if isinstance(journal, ReadOnlySQLJournal):
+        return journal.last_seq()
     if not journal.segments:
         return None
     first, path = journal.segments[-1]
@@ -266,16 +339,17 @@ def estimate_last_seq(journal: FileJournal) -> int | None:
     return first + count - 1
 
 
-def _require_full_history(journal: FileJournal, what: str) -> None:
+def _require_full_history(journal: ToolJournal, what: str) -> None:
     first = journal.first_seq()
     if first is not None and first > 1:
+        pruned = "segments" if isinstance(journal, FileJournal) else "rows"
         raise HistoryError(
             f"the journal in {journal.location} starts at sequence number {first} "
-            f"(older segments were pruned): {what} needs the whole history from 1"
+            f"(older {pruned} were pruned): {what} needs the whole history from 1"
         )
 
 
-def _journal_id(journal: FileJournal) -> int:
+def _journal_id(journal: ToolJournal) -> int:
     # Valid once the first segment's header has been read, which happens
     # before the first record is yielded.
     return journal.journal_id
@@ -317,6 +391,8 @@ class CheckReport:
     #: Last sequence number replayed.
     last_seq: int
     stats: ReplayStats
+    #: Where the snapshots compared are; ``None``: no store (an SQL journal without ``snapshots``).
+    snapshot_store: str | None = None
 
     @property
     def divergence(self) -> SnapshotCheck | None:
@@ -348,6 +424,9 @@ def check(
     datadir: str,
     progress: ProgressCallback | None = None,
     serializer: ISnapshotSerializer | None = None,
+    *,
+    snapshots: str | None = None,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
 ) -> CheckReport:
     """
     Replay the whole journal with the current code and compare the model
@@ -362,28 +441,42 @@ def check(
     differently although equal (sets of strings across processes, for
     instance): give such a schema a ``digest`` function.
 
-    :raises NotADataDir: ``datadir`` is not a directory.
+    ``datadir`` may be an SQL journal's URL, and ``snapshots`` names the
+    store to compare with instead of ``DATADIR/snapshots`` (for an SQL
+    journal there is none unless named; see the module docstring).
+
+    :raises NotADataDir: ``datadir`` is not a directory (or, as
+        :class:`~txjournal.tools.BadSource`, a URL that names no journal).
     :raises HistoryError: the journal was pruned (there is no history from 1).
     :raises UnreplayableRecord: a record the code cannot decode.
     :raises txjournal.errors.JournalCorrupt: damage in the journal.
     """
-    datadir = _check_datadir(datadir)
-    journal = _open_journal(datadir)
+    with _opened(datadir, snapshots, table_prefix) as source:
+        return _check(schema, source, progress, serializer)
+
+
+def _check(
+    schema: Schema[Any],
+    source: _Source,
+    progress: ProgressCallback | None,
+    serializer: ISnapshotSerializer | None,
+) -> CheckReport:
+    journal, store = source.journal, source.store
     _require_full_history(journal, "checking snapshots against a replay")
-    store = _snapshots(datadir)
-    seqs = sorted(store.list())
+    seqs = sorted(store.list()) if store is not None else []
     stored: dict[int, bytes | str] = {}
     #: Snapshots whose model digest is their payload's SHA-256: written
     #: without a schema digest function (older code, or version 1 files).
     pickle_digested: set[int] = set()
     for seq in seqs:
+        assert store is not None
         try:
-            header = store.header(seq)
+            model_digest, payload_digest = snapshot_digests(store, seq)
         except (SnapshotError, OSError) as e:
             stored[seq] = str(e)  # a reason, not a digest
             continue
-        stored[seq] = header.model_digest
-        if header.model_digest == header.payload_digest:
+        stored[seq] = model_digest
+        if model_digest == payload_digest:
             pickle_digested.add(seq)
     results: list[SnapshotCheck] = []
     replayer = _Replayer(
@@ -393,8 +486,9 @@ def check(
 
     def compare(seq: int) -> bool:
         """Compare snapshot ``seq`` with the model now; whether to go on."""
+        assert store is not None
         reference = stored[seq]
-        path = store.path(seq)
+        path = snapshot_location(store, seq)
         if isinstance(reference, str):
             results.append(SnapshotCheck(seq, path, None, note=reference))
             return True
@@ -428,12 +522,16 @@ def check(
                 break
     if not diverged:
         for seq in pending:
+            assert store is not None
             results.append(SnapshotCheck(
-                seq, store.path(seq), None,
+                seq, snapshot_location(store, seq), None,
                 note=f"covers sequence number {seq} but the journal ends at "
                 f"{replayer.last_seq}: records are missing",
             ))
-    return CheckReport(datadir, results, len(seqs), replayer.last_seq, replayer.stats())
+    return CheckReport(
+        source.name, results, len(seqs), replayer.last_seq, replayer.stats(),
+        None if store is None else snapshots_location(store),
+    )
 
 
 # -- rebuild ------------------------------------------------------------------------
@@ -458,6 +556,18 @@ class RebuildReport:
     backup_dir: str | None
     stats: ReplayStats
     torn_tail: str | None = None
+
+
+#: Why :func:`rebuild` refuses an SQL journal, and what to do instead.
+REBUILD_SQL = (
+    "rebuild works on a data directory, whose LOCK keeps the service out while it "
+    "replaces the snapshots; {source} is a database, which has no such lock. Compare "
+    "the current code with the snapshots first ('python -m txjournal check {source} "
+    "--snapshots STORE --app ...'); then stop the service, move its snapshots aside (or "
+    "give it an empty snapshot store) and start it: start-up replays the whole journal "
+    "with the current code, and the snapshot it takes on stop (or the next scheduled one) "
+    "holds the rebuilt model"
+)
 
 
 def rebuild(
@@ -489,7 +599,10 @@ def rebuild(
     :raises HistoryError: the journal is empty or pruned, or a snapshot
         covers records the journal does not hold.
     :raises UnreplayableRecord: a record the code cannot decode.
+    :raises NeedsDataDir: ``datadir`` is a journal URL (see :data:`REBUILD_SQL`).
     """
+    if urls.is_url(datadir):
+        raise NeedsDataDir(REBUILD_SQL.format(source=source_name(datadir)))
     datadir = _check_datadir(datadir)
     check_private_dir(datadir)
     fs = fs if fs is not None else OSFileSystem()
@@ -604,7 +717,7 @@ class PointInTime:
     skipped_snapshots: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _first_record_from(journal: FileJournal, seq: int) -> rec.Record | None:
+def _first_record_from(journal: ToolJournal, seq: int) -> rec.Record | None:
     """The first record at or after ``seq``; reads only the segment holding it."""
     first = journal.first_seq()
     if first is None:
@@ -613,7 +726,7 @@ def _first_record_from(journal: FileJournal, seq: int) -> rec.Record | None:
 
 
 def _snapshot_before(
-    journal: FileJournal, snap: int, until_time_ns: int | None
+    journal: ToolJournal, snap: int, until_time_ns: int | None
 ) -> str | None:
     """
     Why snapshot ``snap`` cannot start a replay that must stop at
@@ -644,6 +757,9 @@ def replay_to(
     timing: bool = False,
     progress: ProgressCallback | None = None,
     serializer: ISnapshotSerializer | None = None,
+    *,
+    snapshots: str | None = None,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
 ) -> PointInTime:
     """
     Build the model as of ``until_seq`` (the last record included) and/or
@@ -658,19 +774,39 @@ def replay_to(
     and when none fits, the replay starts from an empty model at 1.
     ``timing`` measures every command (see :attr:`ReplayStats.timings`).
 
-    :raises NotADataDir: ``datadir`` is not a directory.
+    ``datadir`` may be an SQL journal's URL, and ``snapshots`` names the
+    store to start from instead of ``DATADIR/snapshots`` (for an SQL
+    journal there is none unless named: the replay starts from 1).
+
+    :raises NotADataDir: ``datadir`` is not a directory (or, as
+        :class:`~txjournal.tools.BadSource`, a URL that names no journal).
     :raises HistoryError: the journal was pruned and no snapshot bridges the gap.
     :raises UnreplayableRecord: a record the code cannot decode.
     :raises txjournal.errors.JournalCorrupt: damage before the point.
     """
-    datadir = _check_datadir(datadir)
     serializer = serializer if serializer is not None else PickleSerializer()
-    journal = _open_journal(datadir)
+    with _opened(datadir, snapshots if use_snapshots else None, table_prefix) as source:
+        if not use_snapshots:
+            source.store = None
+        return _replay_to(
+            schema, source, until_seq, until_time_ns, timing, progress, serializer
+        )
+
+
+def _replay_to(
+    schema: Schema[Any],
+    source: _Source,
+    until_seq: int | None,
+    until_time_ns: int | None,
+    timing: bool,
+    progress: ProgressCallback | None,
+    serializer: ISnapshotSerializer,
+) -> PointInTime:
+    journal, store = source.journal, source.store
     skipped: list[tuple[int, str]] = []
     model: Any = None
     snap = 0
-    if use_snapshots:
-        store = _snapshots(datadir)
+    if store is not None:
         for seq in store.list():  # newest first
             if until_seq is not None and seq > until_seq:
                 continue

@@ -3,10 +3,19 @@ The ``check``, ``rebuild`` and ``replay`` subcommands of ``python -m txjournal``
 
 ::
 
-    python -m txjournal check   DATADIR --app MODULE:ATTR [--json]
+    python -m txjournal check   SOURCE --app MODULE:ATTR [--snapshots STORE] [--json]
     python -m txjournal rebuild DATADIR --app MODULE:ATTR
-    python -m txjournal replay  DATADIR --app MODULE:ATTR [--until SEQ | --until-time ISO8601]
+    python -m txjournal replay  SOURCE --app MODULE:ATTR [--snapshots STORE]
+                                [--until SEQ | --until-time ISO8601]
                                 [--from-scratch] [--query NAME [key=value ...] | --shell | --bench]
+
+SOURCE is a data directory or an SQL journal's URL (``sqlite:///path.db``,
+``postgresql://user@host/db``; ``--table-prefix`` for a PostgreSQL
+journal's tables), read read-only: no table is created and a PostgreSQL
+journal is never taken over. STORE is the snapshot store to compare with
+or start from: a URL of the same forms or a directory of snapshot files
+(default: ``DATADIR/snapshots``; an SQL journal has none unless named).
+``rebuild`` writes, so it needs a data directory (its ``LOCK``).
 
 Unlike ``verify``/``inspect``/``repair`` these need the application's code
 (``--app``, imported as ``twistd journal --app`` does): they run its
@@ -16,10 +25,11 @@ prints. Registered in :data:`txjournal.cli.SUBCOMMANDS`.
 
 Exit status: 0 success (``check``: every snapshot matches); 1 ``check``
 found a divergence or could not compare a snapshot, the history cannot be
-replayed (unknown command, damage, pruned journal), ``rebuild`` refused
-(the service runs), or a ``--query`` failed; 2 usage errors (a DATADIR
-that is not a directory, an ``--app`` that does not import, an unknown
-query or bad arguments).
+replayed (unknown command, damage, pruned journal), a database cannot be
+read, ``rebuild`` refused (the service runs), or a ``--query`` failed; 2
+usage errors (a DATADIR that is not a directory, a URL that names no
+journal or given to ``rebuild``, an ``--app`` that does not import, an
+unknown query or bad arguments).
 """
 
 from __future__ import annotations
@@ -37,8 +47,18 @@ from txjournal import history
 from txjournal.errors import TxJournalError
 from txjournal.progress import ProgressBar
 from txjournal.schema import Schema
-from txjournal.tools import NotADataDir, iso_time
-from txjournal.tools_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _error, _seq, print_report
+from txjournal.tools import NotADataDir, iso_time, source_name
+from txjournal.tools_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    _error,
+    _seq,
+    add_source,
+    describe_error,
+    error_in,
+    print_report,
+)
 
 
 def _time(text: str) -> int:
@@ -48,8 +68,13 @@ def _time(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("datadir", metavar="DATADIR", help="the data directory (holds journal/ and snapshots/)")
+def _add_common(parser: argparse.ArgumentParser, urls: bool = True) -> None:
+    if urls:
+        add_source(parser)
+    else:
+        parser.add_argument(
+            "datadir", metavar="DATADIR", help="the data directory (holds journal/ and snapshots/)"
+        )
     parser.add_argument(
         "--app",
         required=True,
@@ -78,10 +103,11 @@ def _rate(commands: int, seconds: float) -> str:
     return f"{commands / seconds:,.0f}" if seconds > 0 else "-"
 
 
-def _replay_failed(e: Exception, datadir: str) -> int:
+def _replay_failed(e: Exception, args: argparse.Namespace) -> int:
     """Print why a replay stopped; the exit status for it."""
+    others = getattr(args, "snapshots", None)
     if isinstance(e, NotADataDir):
-        _error(str(e))
+        error_in(args.datadir, str(e), others)
         return EXIT_USAGE
     if isinstance(e, history.UnreplayableRecord):
         _error(
@@ -90,7 +116,7 @@ def _replay_failed(e: Exception, datadir: str) -> int:
             f"{e.name!r}) if skipping it is what you mean"
         )
         return EXIT_FAILED
-    _error(f"{datadir}: {e}")
+    error_in(args.datadir, f"{source_name(args.datadir)}: {describe_error(e, args.datadir)}", others)
     return EXIT_FAILED
 
 
@@ -128,6 +154,8 @@ def print_check(report: history.CheckReport, out: TextIO) -> None:
             f"behaviour for records up to {divergence.seq}; compare with the previous "
             f"snapshot to narrow it down, or use 'python -m txjournal replay --until'.\n"
         )
+    elif report.snapshot_store is None:
+        w("No snapshot store given (--snapshots): nothing to compare with; every record replayed.\n")
     elif not report.total_snapshots:
         w("No snapshots to compare with; every record replayed.\n")
     elif report.ok:
@@ -154,14 +182,17 @@ def _with_progress(
         report = run(schema, bar)
     except (TxJournalError, OSError) as e:
         bar.finish()
-        return _replay_failed(e, args.datadir)
+        return _replay_failed(e, args)
     bar.finish()
     return report
 
 
 def run_check(args: argparse.Namespace) -> int:
     report = _with_progress(
-        "check", args, lambda schema, bar: history.check(schema, args.datadir, progress=bar)
+        "check", args, lambda schema, bar: history.check(
+            schema, args.datadir, progress=bar,
+            snapshots=args.snapshots, table_prefix=args.table_prefix,
+        ),
     )
     if isinstance(report, int):
         return report
@@ -173,7 +204,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def configure_rebuild(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
+    _add_common(parser, urls=False)
 
 
 def print_rebuild(report: history.RebuildReport, out: TextIO) -> None:
@@ -306,10 +337,12 @@ def run_replay(args: argparse.Namespace) -> int:
             use_snapshots=not (args.from_scratch or args.bench),
             timing=args.bench,
             progress=bar,
+            snapshots=args.snapshots,
+            table_prefix=args.table_prefix,
         )
     except (TxJournalError, OSError) as e:
         bar.finish()
-        return _replay_failed(e, args.datadir)
+        return _replay_failed(e, args)
     bar.finish()
     for seq, reason in point.skipped_snapshots:
         print(f"txjournal: note: not starting from snapshot {seq}: {reason}", file=sys.stderr)

@@ -354,6 +354,7 @@ class ReplicaService(Service, Generic[M]):
         self._listener: _Listener | None = None
         self._listening: Deferred[None] | None = None
         self._wake_queued = False
+        self._wake_again = False
         #: Notifications that woke a fetch (for tests and the curious).
         self.wakeups = 0
         self._writer_absent_since: float | None = None
@@ -548,14 +549,24 @@ class ReplicaService(Service, Generic[M]):
             listener.close()
 
     def _wake(self) -> None:
-        """A notification: fetch now (once, however many arrived meanwhile)."""
-        if self._wake_queued or not self.following:
+        """
+        A notification: fetch now. Notifications arriving while a fetch is
+        queued or running make exactly one more fetch after it (that fetch
+        may have started before their commit).
+        """
+        if not self.following:
+            return
+        if self._wake_queued:
+            self._wake_again = True
             return
         self._wake_queued = True
         self.wakeups += 1
 
         def done(_: object) -> None:
             self._wake_queued = False
+            if self._wake_again:
+                self._wake_again = False
+                self._wake()
 
         self._poll().addBoth(done)
 

@@ -2,6 +2,17 @@
 Operator tools on a data directory: :func:`verify`, :func:`inspect` and
 :func:`repair`, behind ``python -m txjournal verify|inspect|repair``.
 
+:func:`verify` and :func:`inspect` also read an SQL journal named by URL
+(``sqlite:///abs/path.db``, ``postgresql://user@host/db``), and
+:func:`verify` a snapshot store named by ``snapshots`` (a URL of the same
+forms, or a directory of snapshot files; by default ``DATADIR/snapshots``
+for a data directory and none for an SQL journal, whose snapshots are
+wherever its service keeps them). Databases are opened read-only (see
+:mod:`txjournal.journal.readonly`): no table is created, and a
+PostgreSQL journal is never taken over, so a running writer is not fenced.
+:func:`repair` works on data directories only: a database keeps every
+committed row whole, so there is no torn tail to cut.
+
 They work **without the application's code**: records are read by their
 registered command name with MessagePack fields, and snapshots are checked
 by their header checksum and SHA-256 digest, never unpickled. That matters
@@ -20,6 +31,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +40,7 @@ from typing import Any, Literal
 import msgpack
 
 from txjournal import record as rec
+from txjournal import urls
 from txjournal.errors import (
     DataDirLocked,
     JournalCorrupt,
@@ -38,6 +51,16 @@ from txjournal.errors import (
 from txjournal.fs import OSFileSystem, check_private_dir, write_all
 from txjournal.interfaces import IFileSystem
 from txjournal.journal.file import FileJournal
+from txjournal.journal.readonly import (
+    NoJournal,
+    NoSnapshotStore,
+    ReadOnlyPostgresJournal,
+    ReadOnlyPostgresSnapshotStore,
+    ReadOnlySQLiteJournal,
+    ReadOnlySQLiteSnapshotStore,
+    ReadOnlySQLJournal,
+    ReadOnlySQLSnapshotStore,
+)
 from txjournal.lock import DataDirLock
 from txjournal.snapshot.file import FileSnapshotStore
 
@@ -56,11 +79,197 @@ class NotADataDir(ToolError):
     """The path given is not a data directory."""
 
 
+class BadSource(NotADataDir):
+    """
+    SOURCE (or ``--snapshots``) names nothing to read: a malformed or
+    unknown URL, an SQLite file that does not exist, a database without the
+    journal's (or the snapshot store's) tables. A usage error, like a
+    DATADIR that is not a directory.
+    """
+
+
+class NeedsDataDir(NotADataDir):
+    """The tool works on data directories only (``repair``, ``rebuild``) and was given a URL."""
+
+
 class RepairRefused(ToolError):
     """
     :func:`repair` will not cut the journal as asked (damage at or before the
     cut point, a cut point past the end, ...). Nothing was changed.
     """
+
+
+# -- sources: a data directory or a URL ------------------------------------------
+
+#: The default table prefix of the PostgreSQL journal and of the SQL snapshot stores.
+DEFAULT_TABLE_PREFIX = "txjournal"
+
+#: A journal a tool reads: the file journal of a data directory, or an SQL journal read-only.
+ToolJournal = FileJournal | ReadOnlySQLJournal
+
+#: A snapshot store a tool reads (never writes).
+ToolSnapshots = FileSnapshotStore | ReadOnlySQLSnapshotStore
+
+_SECRET_PATTERNS = (
+    # user:password@ in a URL
+    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
+    # password=... in a URL query or a libpq connection string
+    (re.compile(r"(password\s*=\s*)('[^']*'|[^&\s]+)", re.IGNORECASE), r"\1***"),
+)
+
+
+def source_name(source: str) -> str:
+    """How messages name a SOURCE: the absolute data directory, or the URL without its password."""
+    return urls.hide_password(source) if urls.is_url(source) else os.path.abspath(source)
+
+
+def scrub(text: str, *sources: str | None) -> str:
+    """
+    ``text`` with every password taken out: each of ``sources`` (URLs as
+    typed) replaced by its :func:`source_name`, and anything left that
+    reads as ``user:password@`` or ``password=...`` masked. For error
+    messages that quote what a driver said.
+    """
+    for source in sources:
+        if source and urls.is_url(source):
+            text = text.replace(source, urls.hide_password(source))
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _postgres_url(url: str, what: str) -> None:
+    """Refuse, without quoting the password, a PostgreSQL URL libpq cannot parse."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ToolError(
+            f"{what} {urls.hide_password(url)} needs psycopg: pip install 'txjournal[postgres]'"
+        ) from None
+    try:
+        conninfo_to_dict(url)
+    except Exception as e:
+        raise BadSource(f"{what} {urls.hide_password(url)} is not a valid PostgreSQL URL: {scrub(str(e), url)}") from None
+
+
+def open_sql_journal(source: str, table_prefix: str = DEFAULT_TABLE_PREFIX) -> ReadOnlySQLJournal:
+    """
+    The SQL journal a URL names, opened read-only (its ``journal_id``
+    read, nothing written).
+
+    :raises BadSource: a malformed or unknown URL, a missing SQLite file,
+        missing tables, a bad table prefix.
+    :raises txjournal.journal.readonly.SourceError: the database cannot be
+        read (server down, not a database).
+    """
+    try:
+        url = urls.check(source)
+    except ValueError as e:
+        raise BadSource(scrub(str(e), source)) from None
+    if not url:
+        raise BadSource("'file:' names a data directory's journal: give the data directory itself")
+    journal: ReadOnlySQLJournal
+    if url.startswith("sqlite:"):
+        journal = ReadOnlySQLiteJournal(url[len("sqlite://"):])
+    else:
+        _postgres_url(url, "journal URL")
+        try:
+            journal = ReadOnlyPostgresJournal(url, table_prefix, location=source_name(url))
+        except ValueError as e:
+            raise BadSource(str(e)) from None
+    try:
+        journal.open()
+    except NoJournal as e:
+        journal.close()
+        raise BadSource(scrub(str(e), source)) from None
+    except BaseException:
+        journal.close()
+        raise
+    return journal
+
+
+def open_snapshots(
+    snapshots: str | None, datadir: str | None, table_prefix: str = DEFAULT_TABLE_PREFIX
+) -> ToolSnapshots | None:
+    """
+    The snapshot store a tool reads, never writes.
+
+    :param snapshots: ``None``, ``""`` or ``"file:"`` for the default (the
+        files in ``DATADIR/snapshots``; for an SQL journal, no store at
+        all), an SQLite or PostgreSQL URL, or a directory of snapshot files
+        (a data directory stands for its ``snapshots/``).
+    :param datadir: the data directory, or ``None`` for an SQL journal.
+    :raises BadSource: the URL or directory names no snapshot store.
+    """
+    if not snapshots or snapshots == "file:":
+        if datadir is not None:
+            return FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=True)
+        if snapshots == "file:":
+            raise BadSource(
+                "--snapshots file: means DATADIR/snapshots, and an SQL journal has no data "
+                "directory: give the directory of the snapshot files, or a snapshot store URL"
+            )
+        return None
+    if urls.is_url(snapshots):
+        try:
+            url = urls.check_snapshots(snapshots)
+        except ValueError as e:
+            raise BadSource(f"--snapshots: {scrub(str(e), snapshots)}") from None
+        store: ReadOnlySQLSnapshotStore
+        try:
+            if url.startswith("sqlite:"):
+                store = ReadOnlySQLiteSnapshotStore(url[len("sqlite://"):], table_prefix)
+            else:
+                _postgres_url(url, "--snapshots")
+                store = ReadOnlyPostgresSnapshotStore(url, table_prefix, location=source_name(url))
+        except ValueError as e:
+            raise BadSource(str(e)) from None
+        try:
+            store.open()
+        except NoSnapshotStore as e:
+            store.close()
+            raise BadSource(f"--snapshots: {scrub(str(e), snapshots)}") from None
+        except BaseException:
+            store.close()
+            raise
+        return store
+    path = os.path.abspath(snapshots)
+    if not os.path.isdir(path):
+        raise BadSource(
+            f"--snapshots {path} is neither a directory of snapshot files nor a snapshot store URL"
+        )
+    if os.path.isdir(os.path.join(path, "snapshots")):
+        path = os.path.join(path, "snapshots")  # a data directory
+    return FileSnapshotStore(path, readonly=True)
+
+
+def close_snapshots(store: ToolSnapshots | None) -> None:
+    """Close a store :func:`open_snapshots` opened (file stores hold nothing open)."""
+    if isinstance(store, ReadOnlySQLSnapshotStore):
+        store.close()
+
+
+def snapshots_location(store: ToolSnapshots) -> str:
+    """Where a store's snapshots are, for messages (no password)."""
+    return store.directory if isinstance(store, FileSnapshotStore) else store.where
+
+
+def snapshot_location(store: ToolSnapshots, seq: int) -> str:
+    """Where snapshot ``seq`` is, for messages: its file, or its table and seq."""
+    if isinstance(store, FileSnapshotStore):
+        return store.path(seq)
+    return f"{store.where} seq {seq}"
+
+
+def snapshot_digests(store: ToolSnapshots, seq: int) -> tuple[bytes, bytes]:
+    """
+    ``(model digest, payload SHA-256)`` of snapshot ``seq``, as stored,
+    without reading its payload. Raises :class:`SnapshotError`.
+    """
+    if isinstance(store, FileSnapshotStore):
+        header = store.header(seq)
+        return header.model_digest, header.payload_digest
+    return store.digests(seq)
 
 
 # -- verify -----------------------------------------------------------------------
@@ -151,6 +360,14 @@ class VerifyReport:
     locked_by: str | None = None
     #: Set when damage stopped the full check inside history that a snapshot covers.
     startup: StartupCheck | None = None
+    #: ``"file"`` (a data directory), ``"sqlite"`` or ``"postgresql"``.
+    backend: str = "file"
+    #: An SQL journal's rows, damaged ones included (``records`` counts those that verify).
+    rows: int | None = None
+    #: Where the snapshots checked are; ``None``: no snapshot store was given.
+    snapshot_store: str | None = None
+    #: What the check could not tell, or did not look at (not problems).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -213,9 +430,19 @@ def _guess_command(path: str, offset: int) -> str | None:
     return name if name.isprintable() else None
 
 
-def verify(datadir: str) -> VerifyReport:
+def verify(
+    datadir: str,
+    *,
+    snapshots: str | None = None,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
+) -> VerifyReport:
     """
     Check every journal segment and every snapshot of ``datadir``; change nothing.
+
+    ``datadir`` may also be an SQL journal's URL: see :func:`verify_sql`.
+    ``snapshots`` names the snapshot store to check instead of
+    ``DATADIR/snapshots`` (see :func:`open_snapshots`); ``table_prefix``
+    is that of a PostgreSQL journal's tables and of SQL snapshot tables.
 
     The journal is read from its first segment with a read-only
     :class:`~txjournal.journal.file.FileJournal`, so the rules are exactly
@@ -238,9 +465,21 @@ def verify(datadir: str) -> VerifyReport:
     :attr:`VerifyReport.startup`: without it, an operator could cut away
     good records to "repair" a directory that starts fine.
 
-    :raises NotADataDir: if ``datadir`` is not a directory.
+    :raises NotADataDir: if ``datadir`` is not a directory; :class:`BadSource`
+        (a subclass) if ``snapshots`` names no store.
     """
+    if urls.is_url(datadir):
+        return verify_sql(datadir, snapshots=snapshots, table_prefix=table_prefix)
     datadir = _check_datadir(datadir)
+    store = open_snapshots(snapshots, datadir, table_prefix)
+    assert store is not None  # a data directory always has its default store
+    try:
+        return _verify_datadir(datadir, store)
+    finally:
+        close_snapshots(store)
+
+
+def _verify_datadir(datadir: str, store: ToolSnapshots) -> VerifyReport:
     problems: list[Problem] = []
     journal_dir = os.path.join(datadir, "journal")
     journal = FileJournal(journal_dir, readonly=True)
@@ -259,8 +498,9 @@ def verify(datadir: str) -> VerifyReport:
     complete = True
     start_seq = journal.first_seq() or 1
     damaged_seq = damage_index = 0
+    checked = _check_snapshots(store)
+    keep = max((info.seq for info, _reason in checked), default=0)
     try:
-        keep = max(FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=True).list(), default=0)
         for record in journal.replay(start_seq, keep):
             while reached + 1 < len(segments) and segments[reached + 1][0] <= record.seq:
                 reached += 1
@@ -278,11 +518,8 @@ def verify(datadir: str) -> VerifyReport:
                     f"{iso_time(last_time_ns)}", "warning", record.name,
                 ))
             last_time_ns = max(last_time_ns, record.time_ns)
-            fields_problem = _check_fields(record.fields)
-            if fields_problem is not None:
-                problems.append(Problem(
-                    path, None, record.seq, f"fields {fields_problem}", "error", record.name
-                ))
+            for message in _record_problems(record):
+                problems.append(Problem(path, None, record.seq, message, "error", record.name))
     except JournalCorrupt as e:
         complete = False
         damaged_seq = (last_seen + 1) if last_seen is not None else start_seq
@@ -306,10 +543,11 @@ def verify(datadir: str) -> VerifyReport:
         ))
 
     snapshots, snapshot_problems = _verify_snapshots(
-        datadir, last_seen if complete else None, complete
+        checked, last_seen if complete else None, complete
     )
     problems.extend(snapshot_problems)
-    temp_files.extend(_temp_files(os.path.join(datadir, "snapshots")))
+    if isinstance(store, FileSnapshotStore):
+        temp_files.extend(_temp_files(store.directory))
 
     startup = None
     newest_ok = max((s.seq for s in snapshots if s.ok), default=None)
@@ -358,6 +596,7 @@ def verify(datadir: str) -> VerifyReport:
         problems=problems,
         locked_by=_lock_holder(datadir),
         startup=startup,
+        snapshot_store=snapshots_location(store),
     )
 
 
@@ -455,6 +694,20 @@ def _temp_files(directory: str) -> list[str]:
     return sorted(os.path.join(directory, n) for n in names if n.startswith(_TEMP_PREFIX))
 
 
+def _record_problems(record: rec.Record) -> list[str]:
+    """What is wrong with a record that verified: a kind replay refuses, fields that do not decode."""
+    out = []
+    if record.kind not in KIND_NAMES:
+        out.append(
+            f"a record of kind {record.kind}, unknown to this version of txjournal: "
+            f"replay and start-up refuse it"
+        )
+    fields_problem = _check_fields(record.fields)
+    if fields_problem is not None:
+        out.append(f"fields {fields_problem}")
+    return out
+
+
 def _check_fields(fields: bytes) -> str | None:
     try:
         value = msgpack.unpackb(fields, raw=False, strict_map_key=False)
@@ -465,17 +718,37 @@ def _check_fields(fields: bytes) -> str | None:
     return None
 
 
+def _check_snapshots(store: ToolSnapshots) -> list[tuple[SnapshotInfo, str]]:
+    """
+    Every snapshot of ``store``, in sequence order, checked as start-up
+    checks it (never unpickled), with the reason when it does not load.
+    """
+    out: list[tuple[SnapshotInfo, str]] = []
+    for seq in sorted(store.list()):
+        path = snapshot_location(store, seq)
+        try:
+            payload = store.load(seq)
+        except SnapshotError as e:
+            ok, reason, size = False, str(e), None
+        else:
+            ok, reason, size = True, "", len(payload)
+        if isinstance(store, FileSnapshotStore):
+            name, size = os.path.basename(path), _size(path)
+        else:
+            name = store.table
+        out.append((SnapshotInfo(name, path, seq, size, ok), reason))
+    return out
+
+
 def _verify_snapshots(
-    datadir: str, journal_end: int | None, complete: bool
+    checked: list[tuple[SnapshotInfo, str]], journal_end: int | None, complete: bool
 ) -> tuple[list[SnapshotInfo], list[Problem]]:
-    store = FileSnapshotStore(os.path.join(datadir, "snapshots"), readonly=True)
     infos: list[SnapshotInfo] = []
     problems: list[Problem] = []
-    results = {seq: _loads(store, seq) for seq in store.list()}
-    newest_ok = max((s for s, (ok, _r) in results.items() if ok), default=None)
-    for seq, (ok, reason) in sorted(results.items()):
-        path = store.path(seq)
-        infos.append(SnapshotInfo(os.path.basename(path), path, seq, _size(path), ok))
+    newest_ok = max((info.seq for info, _r in checked if info.ok), default=None)
+    for info, reason in checked:
+        seq, path, ok = info.seq, info.path, info.ok
+        infos.append(info)
         if not ok:
             # Only the newest snapshots matter to start-up; an older bad one
             # is still worth knowing about, since it is a fallback no more.
@@ -496,6 +769,209 @@ def _loads(store: FileSnapshotStore, seq: int) -> tuple[bool, str]:
     except SnapshotError as e:
         return False, str(e)
     return True, ""
+
+
+# -- verify an SQL journal ----------------------------------------------------------
+
+#: Below any sequence number a row can hold (both databases' integers are 64-bit).
+_BEFORE_ALL = -(2**63)
+
+#: What :func:`verify_sql` adds to a damaged row's problem once a snapshot covers it.
+_STARTUP_UNAFFECTED = (
+    "; start-up is not affected (it loads snapshot {snap} and replays {start}..{last}, "
+    "which are intact), but the model can no longer be rebuilt from the journal alone"
+)
+
+
+def verify_sql(
+    url: str,
+    *,
+    snapshots: str | None = None,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
+) -> VerifyReport:
+    """
+    Check every row of the SQL journal ``url`` and, if ``snapshots``
+    names a store (see :func:`open_snapshots`), every snapshot; change
+    nothing. The databases are opened read-only: no table is created, the
+    writer epoch is left alone (the running writer is not fenced).
+
+    Rows are read in sequence order, in one read-only transaction (a
+    writer may append and prune meanwhile), and each row's stored record
+    is decoded with the journal's salt as replay decodes it. Unlike a
+    segment file, a damaged row does not hide the rows after it, so the
+    check goes on to the end and reports every problem: missing sequence
+    numbers (a gap), a stored record that does not verify or holds another
+    sequence number, a record of a kind this version does not know,
+    fields that do not decode, logged times that go backwards (a
+    warning), and columns that disagree with the stored record (a
+    warning: replay trusts the record, SQL queries read the columns).
+
+    With a snapshot store: snapshots that do not load (checked, never
+    unpickled), a snapshot beyond the journal's end, a pruned journal no
+    snapshot covers, and, when damage lies in history the newest valid
+    snapshot covers, whether start-up (which replays only after it) is
+    affected (:attr:`VerifyReport.startup`). Without one, an SQL
+    journal's snapshots are not looked at, which :attr:`VerifyReport.notes`
+    says: the tools do not know where its service keeps them.
+
+    :raises BadSource: a malformed URL, a missing SQLite file, missing tables.
+    :raises txjournal.journal.readonly.SourceError: the database cannot be read.
+    """
+    journal = open_sql_journal(url, table_prefix)
+    store: ToolSnapshots | None = None
+    try:
+        store = open_snapshots(snapshots, None, table_prefix)
+        # Snapshots first: one written while the journal is read must not
+        # look as if it covered rows the journal's (older) view lacks.
+        checked = _check_snapshots(store) if store is not None else []
+        with journal.consistent():
+            return _verify_rows(url, journal, store, checked)
+    finally:
+        journal.close()
+        close_snapshots(store)
+
+
+def _column_mismatch(record: rec.Record, row: tuple[int, int, int, str, int, str | None]) -> str | None:
+    """How the columns of a row disagree with its stored record, if they do."""
+    _seq, time_ns, kind, name, version, user = row
+    diffs = [
+        f"{label} column {column!r}, record {stored!r}"
+        for label, column, stored in (
+            ("time_ns", time_ns, record.time_ns),
+            ("kind", kind, record.kind),
+            ("name", name, record.name),
+            ("version", version, record.version),
+            ("user", user, record.user),
+        )
+        if column != stored
+    ]
+    return "; ".join(diffs) or None
+
+
+def _verify_rows(
+    url: str,
+    journal: ReadOnlySQLJournal,
+    store: ToolSnapshots | None,
+    checked: list[tuple[SnapshotInfo, str]],
+) -> VerifyReport:
+    where = journal.where
+    problems: list[Problem] = []
+    #: (index in problems, last seq it affects) of each problem start-up would trip on.
+    damage: list[tuple[int, int]] = []
+    rows = records = 0
+    first: int | None = None
+    last: int | None = None
+    last_time_ns = 0
+    after = _BEFORE_ALL
+    while True:
+        page = journal.rows(after)
+        if not page:
+            break
+        for seq, time_ns, kind, name, version, user, blob in page:
+            after = seq
+            rows += 1
+            if first is None:
+                first = seq
+            elif last is not None and seq != last + 1:
+                damage.append((len(problems), seq - 1))
+                problems.append(Problem(
+                    where, None, last + 1,
+                    f"records {last + 1}..{seq - 1} are missing (the next row is {seq}); "
+                    f"replay and start-up refuse the gap",
+                ))
+            last = seq
+            try:
+                record = journal.decode(seq, blob)
+            except JournalCorrupt as e:
+                damage.append((len(problems), seq))
+                problems.append(Problem(
+                    where, None, seq,
+                    f"{e.reason}; the row's name column reads {name!r} (unverified)",
+                    "error", name,
+                ))
+                continue
+            records += 1
+            mismatch = _column_mismatch(record, (seq, time_ns, kind, name, version, user))
+            if mismatch is not None:
+                problems.append(Problem(
+                    where, None, seq,
+                    f"the row's columns disagree with its stored record ({mismatch}): replay "
+                    f"uses the record, SQL queries on the columns see something else",
+                    "warning", record.name,
+                ))
+            if record.time_ns < last_time_ns:
+                problems.append(Problem(
+                    where, None, seq,
+                    f"logged time goes backwards: {iso_time(record.time_ns)} after "
+                    f"{iso_time(last_time_ns)}", "warning", record.name,
+                ))
+            last_time_ns = max(last_time_ns, record.time_ns)
+            for message in _record_problems(record):
+                damage.append((len(problems), seq))
+                problems.append(Problem(where, None, seq, message, "error", record.name))
+
+    snapshots, snapshot_problems = _verify_snapshots(checked, last or 0, True)
+    problems.extend(snapshot_problems)
+    notes: list[str] = []
+    newest_ok = max((s.seq for s in snapshots if s.ok), default=None)
+    if store is None:
+        notes.append(
+            "snapshots not checked: an SQL journal's snapshots are wherever its service keeps "
+            "them (DATADIR/snapshots unless it was given --snapshots); name them with "
+            "--snapshots URL or --snapshots DIRECTORY"
+        )
+    if first is not None and first > 1:
+        if store is None:
+            notes.append(
+                f"the journal starts at sequence number {first} (older rows were pruned): "
+                f"start-up needs a snapshot covering {first - 1} or later, which was not "
+                f"checked (no --snapshots)"
+            )
+        elif not any(s.ok and s.seq >= first - 1 for s in snapshots):
+            problems.append(Problem(
+                where, None, first - 1,
+                f"the journal starts at sequence number {first} (older rows were pruned) "
+                f"but no valid snapshot in {snapshots_location(store)} covers {first - 1}: "
+                f"the model cannot be rebuilt",
+            ))
+
+    startup = None
+    end = last or 0
+    covered = [i for i, upto in damage if newest_ok is not None and upto <= newest_ok]
+    if covered and newest_ok is not None:
+        # Start-up replays only after the newest snapshot that loads: damage
+        # before it does not stop start-up, but the journal alone no longer
+        # rebuilds the model. Say which, or an operator might "repair" a
+        # journal that starts.
+        ok = (
+            not any(upto > newest_ok for _i, upto in damage)
+            and not any(s.seq > end for s in snapshots)
+            and (first is None or first <= newest_ok + 1)
+        )
+        startup = StartupCheck(newest_ok, max(end, newest_ok), ok)
+        if ok:
+            note = _STARTUP_UNAFFECTED.format(snap=newest_ok, start=newest_ok + 1, last=end)
+            for i in covered:
+                problems[i] = dataclasses.replace(problems[i], message=problems[i].message + note)
+
+    backend = "sqlite" if isinstance(journal, ReadOnlySQLiteJournal) else "postgresql"
+    return VerifyReport(
+        datadir=source_name(url),
+        journal_id=journal.journal_id_found,
+        records=records,
+        first_seq=first,
+        last_seq=last,
+        journal_complete=True,
+        segments=[],
+        snapshots=snapshots,
+        temp_files=[],
+        problems=problems,
+        startup=startup,
+        backend=backend,
+        rows=rows,
+        snapshot_store=None if store is None else snapshots_location(store),
+        notes=notes,
+    )
 
 
 # -- inspect ----------------------------------------------------------------------
@@ -568,9 +1044,16 @@ def inspect(
     to_seq: int | None = None,
     command: str | None = None,
     kind: str | None = None,
+    *,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
 ) -> Iterator[dict[str, Any]]:
     """
     Yield the journal's records as dicts (see :func:`record_dict`), in order.
+
+    ``datadir`` may also be an SQL journal's URL (``table_prefix``: that of
+    a PostgreSQL journal's tables); its rows are read read-only, in one
+    transaction, and a gap or a row that does not verify raises
+    :class:`~txjournal.errors.JournalCorrupt` when reached, as for files.
 
     Streaming: the journal is read one segment at a time and reading stops
     at ``to_seq``, so memory stays bounded by the segment size
@@ -583,17 +1066,34 @@ def inspect(
     :param to_seq: last sequence number to show (default: the end).
     :param command: show only records of this command (or query) name.
     :param kind: show only records of this kind (``"command"``, ``"query"``).
-    :raises NotADataDir: if ``datadir`` is not a directory (at once, not
-        at the first ``next``).
+    :raises NotADataDir: if ``datadir`` is not a directory, :class:`BadSource`
+        if a URL names no journal (at once, not at the first ``next``).
     """
+    if urls.is_url(datadir):
+        sql = open_sql_journal(datadir, table_prefix)
+        return _sql_records(sql, from_seq, to_seq, command, kind)
     datadir = _check_datadir(datadir)
     journal = FileJournal(os.path.join(datadir, "journal"), readonly=True)
     journal.open()
     return _records(journal, from_seq, to_seq, command, kind)
 
 
+def _sql_records(
+    journal: ReadOnlySQLJournal,
+    from_seq: int | None,
+    to_seq: int | None,
+    command: str | None,
+    kind: str | None,
+) -> Iterator[dict[str, Any]]:
+    try:
+        with journal.consistent():
+            yield from _records(journal, from_seq, to_seq, command, kind)
+    finally:
+        journal.close()
+
+
 def _records(
-    journal: FileJournal,
+    journal: ToolJournal,
     from_seq: int | None,
     to_seq: int | None,
     command: str | None,
@@ -868,7 +1368,10 @@ def repair(
     :raises DataDirLocked: while another owner holds ``DATADIR/LOCK``.
     :raises RepairRefused: if the journal cannot be cut there (see
         :func:`_scan_to`); nothing was changed.
+    :raises NeedsDataDir: ``datadir`` is a journal URL (see :data:`REPAIR_SQL`).
     """
+    if urls.is_url(datadir):
+        raise NeedsDataDir(REPAIR_SQL.format(source=source_name(datadir)))
     datadir = _check_datadir(datadir)
     if truncate_after < 0:
         raise RepairRefused(f"--truncate-after must be 0 or more, not {truncate_after}")
@@ -886,6 +1389,18 @@ def repair(
     finally:
         if lock is not None:
             lock.release()
+
+
+#: Why :func:`repair` refuses an SQL journal, and what to do instead.
+REPAIR_SQL = (
+    "repair cuts the journal files of a data directory; {source} is a database, which keeps "
+    "every committed row whole, so there is no torn tail to cut and nothing to repair in "
+    "place. Find the damage with 'python -m txjournal verify {source}', then restore the "
+    "damaged or missing rows from a backup or a replica; or, to give up the history from "
+    "the first bad row on (as repair does for files), stop the writer, back the database "
+    "up, delete the rows from that sequence number on from the journal's records table and "
+    "any snapshot covering them, and start the writer again"
+)
 
 
 def _repair_locked(

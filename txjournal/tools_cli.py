@@ -3,20 +3,30 @@ The ``verify``, ``inspect`` and ``repair`` subcommands of ``python -m txjournal`
 
 ::
 
-    python -m txjournal verify DATADIR [--json]
-    python -m txjournal inspect DATADIR [--from SEQ] [--to SEQ] [--command NAME]
-                                [--kind command|query] [--json]
+    python -m txjournal verify SOURCE [--snapshots STORE] [--table-prefix PREFIX] [--json]
+    python -m txjournal inspect SOURCE [--from SEQ] [--to SEQ] [--command NAME]
+                                [--kind command|query] [--table-prefix PREFIX] [--json]
     python -m txjournal repair DATADIR --truncate-after SEQ [--yes]
 
-They read the data directory directly (no server, no application code)
-through :mod:`txjournal.tools`; this module only parses and prints.
-Registered in :data:`txjournal.cli.SUBCOMMANDS`.
+SOURCE is a data directory, or an SQL journal's URL (``sqlite:///path.db``,
+``postgresql://user@host/db``), opened read-only: no table is created and
+a PostgreSQL journal is never taken over (its running writer is not
+fenced). STORE is a snapshot store URL of the same forms or a directory of
+snapshot files (default: ``DATADIR/snapshots``; none for an SQL journal).
+``repair`` works on data directories only.
+
+They read the journal directly (no server, no application code) through
+:mod:`txjournal.tools`; this module only parses and prints. Registered in
+:data:`txjournal.cli.SUBCOMMANDS`. Passwords in URLs are never printed.
 
 Exit status: 0 no problem (``verify``), records shown (``inspect``),
-repair done or nothing to do (``repair``, with or without ``--yes``); 1 problems found, damage hit
-while listing, repair refused or locked, or ``repair`` without ``--yes``
-(a dry run: nothing was changed); 2 usage errors, including a DATADIR that
-is not a directory.
+repair done or nothing to do (``repair``, with or without ``--yes``); 1
+problems found, damage hit while listing, a database that cannot be read
+(server down, not a database), repair refused or locked, or ``repair``
+without ``--yes`` (a dry run: nothing was changed); 2 usage errors,
+including a DATADIR that is not a directory, a URL that names no journal
+(malformed, a missing SQLite file, missing tables) and a URL given to
+``repair``.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from txjournal import tools
-from txjournal.errors import TxJournalError
+from txjournal import tools, urls
+from txjournal.errors import JournalCorrupt, TxJournalError
+from txjournal.tools import scrub, source_name
 
 # The values of txjournal.cli's EXIT_*; not imported from there because
 # txjournal.cli imports this module to register the subcommands.
@@ -84,22 +95,68 @@ def _add_datadir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("datadir", metavar="DATADIR", help="the data directory (holds journal/ and snapshots/)")
 
 
+def add_source(parser: argparse.ArgumentParser, snapshots: bool = True) -> None:
+    """SOURCE, ``--table-prefix`` and (with ``snapshots``) ``--snapshots``."""
+    parser.add_argument(
+        "datadir",
+        metavar="SOURCE",
+        help="a data directory (holds journal/ and snapshots/) or an SQL journal's URL "
+        "(sqlite:///abs/path.db, postgresql://user@host/db), opened read-only",
+    )
+    if snapshots:
+        parser.add_argument(
+            "--snapshots",
+            metavar="STORE",
+            help="the snapshot store: sqlite:///path.db, postgresql://user@host/db, or a "
+            "directory of snapshot files (default: DATADIR/snapshots; for an SQL journal, "
+            "none: its snapshots are wherever the service keeps them)",
+        )
+    parser.add_argument(
+        "--table-prefix",
+        default=tools.DEFAULT_TABLE_PREFIX,
+        metavar="PREFIX",
+        help="the tables' prefix of a PostgreSQL journal and of SQL snapshot stores "
+        f"(default: {tools.DEFAULT_TABLE_PREFIX})",
+    )
+
+
+def error_in(source: str, message: str, *others: str | None) -> None:
+    """Print an error about ``source``, every password in it taken out."""
+    _error(scrub(message, source, *others))
+
+
+def describe_error(e: Exception, source: str) -> str:
+    """
+    What to say about ``e``: its message, except that damage in an SQL
+    journal is named by table and sequence number (a row has no offset)
+    and points at ``verify`` on the same URL.
+    """
+    if isinstance(e, JournalCorrupt) and urls.is_url(source):
+        return (
+            f"journal is corrupt: {e.reason}: {e.path} (sequence number {e.seq}); run "
+            f"'python -m txjournal verify {source_name(source)}' for the whole picture"
+        )
+    return str(e)
+
+
 # -- verify -----------------------------------------------------------------------
 
 
 def configure_verify(parser: argparse.ArgumentParser) -> None:
-    _add_datadir(parser)
+    add_source(parser)
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
 
 
 def run_verify(args: argparse.Namespace) -> int:
     try:
-        report = tools.verify(args.datadir)
+        report = tools.verify(
+            args.datadir, snapshots=args.snapshots, table_prefix=args.table_prefix
+        )
     except tools.NotADataDir as e:
-        _error(str(e))
+        error_in(args.datadir, str(e), args.snapshots)
         return EXIT_USAGE
     except (TxJournalError, OSError) as e:
-        _error(f"cannot verify {args.datadir}: {e}")
+        error_in(args.datadir, f"cannot verify {source_name(args.datadir)}: {e}", args.snapshots)
         return EXIT_FAILED
     print_report(report, args.json, print_verify)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -122,14 +179,24 @@ def _where(p: tools.Problem) -> str:
 def print_verify(report: tools.VerifyReport, out: TextIO) -> None:
     """The human-readable form of a :class:`~txjournal.tools.VerifyReport`."""
     w = out.write
-    w(f"Data directory {report.datadir}\n")
+    sql = report.backend != "file"
+    if sql:
+        w(f"{'SQLite' if report.backend == 'sqlite' else 'PostgreSQL'} journal {report.datadir}\n")
+    else:
+        w(f"Data directory {report.datadir}\n")
     if report.journal_id is not None:
         w(f"  journal id {report.journal_id:016x}\n")
     if report.locked_by is not None:
         w(f"  in use: locked by {report.locked_by} (the journal may grow while it is read)\n")
-    span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
-    checked = "" if report.journal_complete else " (checked up to the damage below)"
-    w(f"Journal: {report.records} records, {span}, {len(report.segments)} segments{checked}\n")
+    if sql:
+        rows = report.rows or 0
+        span = f", seq {report.first_seq}..{report.last_seq}" if rows else ""
+        bad = f", {rows - report.records} of them do not verify" if rows != report.records else ""
+        w(f"Journal: {rows} rows{span}{bad}\n")
+    else:
+        span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
+        checked = "" if report.journal_complete else " (checked up to the damage below)"
+        w(f"Journal: {report.records} records, {span}, {len(report.segments)} segments{checked}\n")
     for s in report.segments:
         if s.damaged:
             state = f"seq {s.first_seq}..{s.last_seq}, then DAMAGE" if s.last_seq else "DAMAGED"
@@ -140,7 +207,12 @@ def print_verify(report: tools.VerifyReport, out: TextIO) -> None:
         else:
             state = f"seq {s.first_seq}..{s.last_seq}"
         w(f"  {s.name}  {state:<32} {s.records:>8} records {s.size:>12} bytes\n")
-    w(f"Snapshots: {len(report.snapshots)}\n")
+    if report.snapshot_store is None:
+        w("Snapshots: not checked (no --snapshots)\n")
+    elif sql or report.snapshot_store != os.path.join(report.datadir, "snapshots"):
+        w(f"Snapshots in {report.snapshot_store}: {len(report.snapshots)}\n")
+    else:
+        w(f"Snapshots: {len(report.snapshots)}\n")
     for snap in reversed(report.snapshots):
         size = "?" if snap.size is None else str(snap.size)
         w(f"  {snap.name}  seq {snap.seq:<12} {size:>12} bytes  {'ok' if snap.ok else 'BAD'}\n")
@@ -155,6 +227,8 @@ def print_verify(report: tools.VerifyReport, out: TextIO) -> None:
             f"Start-up loads snapshot {st.snapshot} and replays from {st.snapshot + 1}: "
             f"read up to {st.last_seq}, {verdict}\n"
         )
+    for note in report.notes:
+        w(f"Note: {note}.\n")
     if report.ok:
         w("OK: no problems found.\n")
         return
@@ -164,6 +238,15 @@ def print_verify(report: tools.VerifyReport, out: TextIO) -> None:
     )
     for p in report.problems:
         w(f"  {p.severity.upper():<7} {_where(p)}: {p.message}\n")
+    store = report.snapshot_store
+    journal_errors = [p for p in report.errors if store is None or not p.path.startswith(store)]
+    if sql and journal_errors and not (report.startup and report.startup.ok):
+        w(
+            "A database keeps every committed row whole: there is no torn tail, and "
+            "'repair' does not apply. Look at the records around the damage with "
+            "'python -m txjournal inspect', then restore the rows from a backup or a "
+            "replica (see 'python -m txjournal repair' for the alternative).\n"
+        )
     if not report.journal_complete and not (report.startup and report.startup.ok):
         w(
             "The journal was checked up to the first damage only. Look at the records "
@@ -176,7 +259,7 @@ def print_verify(report: tools.VerifyReport, out: TextIO) -> None:
 
 
 def configure_inspect(parser: argparse.ArgumentParser) -> None:
-    _add_datadir(parser)
+    add_source(parser, snapshots=False)
     parser.add_argument("--from", dest="from_seq", type=_seq, metavar="SEQ", help="first sequence number")
     parser.add_argument("--to", dest="to_seq", type=_seq, metavar="SEQ", help="last sequence number")
     parser.add_argument("--command", metavar="NAME", help="only records of this command (or query) name")
@@ -215,10 +298,16 @@ def format_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
-        records = tools.inspect(args.datadir, args.from_seq, args.to_seq, args.command, args.kind)
+        records = tools.inspect(
+            args.datadir, args.from_seq, args.to_seq, args.command, args.kind,
+            table_prefix=args.table_prefix,
+        )
     except tools.NotADataDir as e:
-        _error(str(e))
+        error_in(args.datadir, str(e))
         return EXIT_USAGE
+    except (TxJournalError, OSError) as e:
+        error_in(args.datadir, f"cannot inspect {source_name(args.datadir)}: {e}")
+        return EXIT_FAILED
     out = sys.stdout
     try:
         if args.json:
@@ -231,7 +320,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         return _reader_gone()
     except (TxJournalError, OSError) as e:
         out.flush()
-        _error(str(e))
+        error_in(args.datadir, describe_error(e, args.datadir))
         return EXIT_FAILED
     return EXIT_OK
 
@@ -285,7 +374,7 @@ def run_repair(args: argparse.Namespace) -> int:
     try:
         report = tools.repair(args.datadir, args.truncate_after, dry_run=not args.yes)
     except tools.NotADataDir as e:
-        _error(str(e))
+        error_in(args.datadir, str(e))
         return EXIT_USAGE
     except TxJournalError as e:
         _error(f"repair refused, nothing was changed: {e}")

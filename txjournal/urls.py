@@ -14,7 +14,8 @@ never logged: use :func:`describe` for messages.
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from txjournal.interfaces import IJournal, ISnapshotStore
 
@@ -108,3 +109,36 @@ def open_snapshot_store(url: str) -> ISnapshotStore | None:
 
         store = PostgresSnapshotStore(url)
     return store
+
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(source: str) -> bool:
+    """
+    Whether a tool's SOURCE argument is meant as a URL rather than a data
+    directory: ``sqlite:...``, ``file:...``, or anything that starts
+    ``scheme://`` (an unknown scheme then gets :func:`check`'s clear error
+    instead of "not a directory").
+    """
+    return source.startswith((_SQLITE, "file:")) or bool(_SCHEME_RE.match(source))
+
+
+def hide_password(url: str) -> str:
+    """
+    Like :func:`describe`, and also hides a ``password`` query parameter
+    (``postgresql://host/db?password=...``, which libpq accepts too). Never
+    raises: a URL too broken to parse is not shown at all.
+    """
+    try:
+        text = describe(url)
+        parts = urlsplit(text)
+        if parts.query and "password" in parts.query.lower():
+            query = [
+                (k, "***" if k.lower() == "password" else v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            ]
+            text = parts._replace(query=urlencode(query, safe="*")).geturl()
+    except ValueError:
+        return f"{url.split(':', 1)[0]}:(a URL that does not parse; not shown)"
+    return text

@@ -165,7 +165,7 @@ class SQLJournal(ABC):
         :class:`SequenceTaken`), insert ``rows``, commit durably.
         """
 
-    def _after_failure(self) -> None:
+    def _after_failure(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called once an append failed; the journal accepts nothing more."""
 
     @abstractmethod
