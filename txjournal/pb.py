@@ -67,6 +67,7 @@ from txjournal.errors import (
     UnknownCommand,
     UnknownQuery,
 )
+from txjournal.fastbanana import FastBananaMixin
 from txjournal.service import JournalService
 from txjournal.users import Users, UsersChecker
 
@@ -637,8 +638,11 @@ class _Quiet:
             raise RemoteArgumentError(f"refused call {message[:60]!r}: {text}") from None
 
 
-class QuietBroker(pb.Broker):
-    """A PB broker that answers malformed calls without logging tracebacks."""
+class QuietBroker(FastBananaMixin, pb.Broker):
+    """
+    A PB broker that answers malformed calls without logging tracebacks,
+    and decodes Banana with :mod:`txjournal.fastbanana`.
+    """
 
     def _recvMessage(self, findObjMethod: Any, requestID: Any, objectID: Any, message: Any,
                      answerRequired: Any, netArgs: Any, netKw: Any) -> None:
