@@ -76,7 +76,7 @@ class FastBananaMixin:
             if found is None:
                 if end - pos > limit:
                     raise banana.BananaError(
-                        "Security precaution: more than %d bytes of prefix" % (limit,)
+                        f"Security precaution: more than {limit} bytes of prefix"
                     )
                 break  # the type byte has not arrived yet
             t = found.start()
