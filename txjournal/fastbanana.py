@@ -57,7 +57,6 @@ class FastBananaMixin:
 
     buffer: bytes
     listStack: list[tuple[int, list[Any]]]
-    prefixLimit: int
     currentDialect: bytes | None
     incomingVocabulary: dict[int, bytes]
 
@@ -66,7 +65,7 @@ class FastBananaMixin:
         # drops the connection, so nothing reads it while items are handled.
         buffer = self.buffer + chunk if self.buffer else bytes(chunk)
         list_stack = self.listStack
-        limit = self.prefixLimit
+        limit: int = self.prefixLimit  # type: ignore[attr-defined]
         size_limit = banana.SIZE_LIMIT
         expression = self.callExpressionReceived  # type: ignore[attr-defined]
         end = len(buffer)

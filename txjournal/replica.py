@@ -578,6 +578,8 @@ class ReplicaService(Service, Generic[M]):
         return d
 
     def _poll_locked(self) -> Deferred[None]:
+        if self._promoting is not None or self._writer is not None:
+            return succeed(None)  # promotion owns the connection now
         applied = self.applied_seq
         d = self._in_thread(self._fetch, applied)
         d.addCallback(self._fetched, applied)
@@ -846,7 +848,8 @@ class ReplicaService(Service, Generic[M]):
         # No snapshot at the replica's position may exist yet: let the next one be written.
         writer.last_snapshot_seq = max(store.list(), default=0)
         self._writer = writer
-        self.journal.close()
+        # Under the lock: a lag check queued meanwhile may be using it.
+        self._db_lock.run(self.journal.close)
         self.promotion_seconds = time.monotonic() - started
         self.log.info(
             "Promoted: this process is now the writer of {where} (writer epoch {epoch}); "
