@@ -69,6 +69,12 @@ def _child(
     code = 1
     _die_with_parent(parent)
     try:
+        # Background work: on a busy machine the parent's reactor (and its
+        # journal writer) must win the CPU over the serializing child.
+        os.nice(10)
+    except OSError:
+        pass
+    try:
         # Nothing of the parent's event loop may run here: no signal
         # handlers, no wake-up pipe, no inherited sockets, locks or journal
         # files (a child outliving a killed parent must not keep the data
