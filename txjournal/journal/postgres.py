@@ -143,17 +143,26 @@ class PostgresJournal(SQLJournal):
         #: The channel every append notifies (payload: its last sequence number).
         self.channel = f"{table_prefix}_appended"
         self._leased = False
-        self._append_sql = (
+        guard = (
             f"WITH guard AS (SELECT "
             f"(SELECT value::bigint FROM {self.meta_table} WHERE key = 'writer_epoch' FOR SHARE) AS epoch, "
             f"(SELECT coalesce(max(seq), 0) FROM {self.records_table}) AS newest), "
-            f"ins AS (INSERT INTO {self.records_table} SELECT * FROM unnest("
-            f"%s::bigint[], %s::bigint[], %s::integer[], %s::text[], %s::integer[], "
-            f"%s::text[], %s::jsonb[], %s::bytea[]) "
+            f"ins AS (INSERT INTO {self.records_table} {{rows}} "
             f"WHERE (SELECT epoch FROM guard) = %s AND (SELECT newest FROM guard) = %s RETURNING 1) "
             f"SELECT (SELECT count(*) FROM ins), epoch, newest, "
             f"CASE WHEN (SELECT count(*) FROM ins) > 0 THEN pg_notify(%s, %s) END FROM guard"
         )
+        # Arrays for a batch (one statement whatever its size, so one
+        # prepared plan); a single row as plain values, which saves the
+        # array handling (about 0.2 ms) when one caller waits for each.
+        self._append_sql = guard.format(rows=(
+            "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::integer[], %s::text[], "
+            "%s::integer[], %s::text[], %s::jsonb[], %s::bytea[])"
+        ))
+        self._append_one_sql = guard.format(rows=(
+            "SELECT v.* FROM (VALUES (%s::bigint, %s::bigint, %s::integer, %s::text, "
+            "%s::integer, %s::text, %s::jsonb, %s::bytea)) v"
+        ))
 
     @property
     def backend_pid(self) -> int | None:
@@ -284,15 +293,17 @@ class PostgresJournal(SQLJournal):
 
     def _insert_batch(self, rows: list[Row], first_seq: int) -> None:
         conn = self._connect()
-        columns = [list(column) for column in zip(*rows)]
         last_seq = rows[-1][0]
+        if len(rows) == 1:
+            sql, values = self._append_one_sql, list[Any](rows[0])
+        else:
+            sql, values = self._append_sql, [list(column) for column in zip(*rows)]
         try:
             # One statement, so one round trip and one transaction: the epoch
             # is read FOR SHARE (a take-over waits for this batch, then fences
             # the next), and the insert happens only if both checks pass.
             row = conn.execute(
-                self._append_sql,
-                (*columns, self.epoch, first_seq - 1, self.channel, str(last_seq)),
+                sql, (*values, self.epoch, first_seq - 1, self.channel, str(last_seq))
             ).fetchone()
         except pg_errors.UniqueViolation as e:
             raise SequenceTaken(
