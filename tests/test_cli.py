@@ -437,7 +437,7 @@ async def test_timeout(server: Server) -> None:
 @pytest_twisted.ensureDeferred
 async def test_status_and_promote_of_a_writer(server: Server) -> None:
     code, out, err = await server.cli("status", user="reader")
-    assert (code, json.loads(out)) == (EXIT_OK, {"role": "writer", "last_seq": 0, "lag": None}), err
+    assert (code, json.loads(out)) == (EXIT_OK, {"role": "writer", "last_seq": 0, "lag": None, "error": None}), err
     code, out, err = await server.cli("promote", user="admin")  # rw is not enough
     assert code == EXIT_FAILED and "admin role" in err, err
     code, out, err = await server.cli("promote", "--take-over", user="ops")

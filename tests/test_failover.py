@@ -401,7 +401,7 @@ async def test_pb_status_and_promote_need_the_admin_role(cluster: Cluster) -> No
 
         await writer.stopService()
         status = await ops.callRemote("promote", False)
-        assert status == {"role": "writer", "last_seq": 1, "lag": None}
+        assert status == {"role": "writer", "last_seq": 1, "lag": None, "error": None}
         alice = await on_replica.login("alice", "alice-pw")
         assert await alice.callRemote("execute", "deposit", {"account": "alice", "amount": 1}) == 11
         assert (await alice.callRemote("status"))["last_seq"] == 2
@@ -444,7 +444,148 @@ async def test_python_m_txjournal_promote_turns_a_replica_into_the_writer(
         assert code == 0 and status["role"] == "replica", err
         await writer.stopService()
         code, status, err = await cli("promote")
-        assert code == 0 and status == {"role": "writer", "last_seq": 1, "lag": None}, err
+        assert code == 0 and status == {"role": "writer", "last_seq": 1, "lag": None, "error": None}, err
         assert await replica.execute(Deposit("alice", 1)) == 4
+    finally:
+        await harness.close()
+
+
+# -- found by review ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_after_the_catch_up_never_makes_the_replica_follow_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Once the catch-up replay has moved the model, this process is the
+    writer whatever fails next: following again would apply those records
+    a second time.
+    """
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica(snapshots=cluster.snapshots)
+    await within(replica.when_applied(1))
+    await replica.pause_following()
+    for _ in range(5):
+        await writer.execute(Deposit("alice", 1))
+    await writer.stopService()
+    real_list = cluster.snapshots.list
+    calls = []
+
+    def list_then_fail() -> list[int]:
+        calls.append(1)
+        if len(calls) == 2:  # the first call is the writer's start, the second after it
+            raise OSError("the snapshot store went away")
+        return real_list()
+
+    monkeypatch.setattr(cluster.snapshots, "list", list_then_fail)
+    await within(replica.promote())
+    assert replica.promoted and not replica.following
+    assert replica.model.accounts == {"alice": 6}  # not 11
+    assert await replica.execute(Deposit("alice", 1)) == 7
+    assert stored_seqs(cluster.prefix) == list(range(1, 8))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_during_a_promotion_leaves_no_writer_behind(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica()
+    await within(replica.when_applied(1))
+    await writer.stopService()
+    promoting = replica.promote()
+    stopped = replica.stopService()  # before the lease was taken
+    with pytest.raises(NotRunning, match="stopped while it was being promoted"):
+        await within(promoting)
+    await within(stopped)
+    assert not replica.promoted
+    # The lease is free: a new writer starts at once.
+    again = PostgresJournal(PG_DSN, table_prefix=cluster.prefix, lease_timeout=0.5)
+    again.open()
+    again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicas_that_lose_the_auto_promotion_race_keep_following_at_once(
+    cluster: Cluster,
+) -> None:
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 5))
+    # A long lease_timeout: losers must not wait for it.
+    replicas = [cluster.replica(auto_promote=True, promote_grace=0.1, lease_timeout=30) for _ in range(3)]
+    for r in replicas:
+        await within(r.when_applied(1))
+    await writer.stopService()
+    await within(defer.DeferredList([r.when_promoted() for r in replicas], fireOnOneCallback=True))
+    winner = next(r for r in replicas if r.promoted)
+    assert await winner.execute(Deposit("alice", 1)) == 6
+    for r in replicas:
+        if r is not winner:
+            assert await within(r.when_applied(2), 5.0) == 2
+            assert not r.promoted
+
+
+def test_take_over_ignores_writers_of_other_databases_on_the_same_server(prefix: str) -> None:
+    """A copied database keeps the journal id (and so the lease key) of its original."""
+    import uuid
+
+    from test_sql_journals import encoded
+
+    original = PostgresJournal(PG_DSN, table_prefix=prefix)
+    original.open()
+    list(original.replay(1))
+    original.append(encoded(original, 1, 1), 1, 1)
+    copy_db = f"txj_copy_{uuid.uuid4().hex[:8]}"
+    try:
+        # As a restored backup would be (CREATE DATABASE ... TEMPLATE needs
+        # the template idle): the same tables and rows in another database.
+        sql(f"CREATE DATABASE {copy_db}")
+        copy_dsn = psycopg.conninfo.make_conninfo(PG_DSN, dbname=copy_db)
+        with psycopg.connect(PG_DSN, autocommit=True) as src, psycopg.connect(copy_dsn, autocommit=True) as dst:
+            ddl_records = (
+                f'CREATE TABLE {prefix}_records (seq bigint PRIMARY KEY, time_ns bigint NOT NULL, '
+                f'kind integer NOT NULL, name text NOT NULL, version integer NOT NULL, "user" text, '
+                f'fields jsonb, record bytea NOT NULL)'
+            )
+            dst.execute(ddl_records)
+            dst.execute(f"CREATE TABLE {prefix}_meta (key text PRIMARY KEY, value text NOT NULL)")
+            rows = src.execute(
+                f'SELECT seq, time_ns, kind, name, version, "user", fields::text, record FROM {prefix}_records'
+            ).fetchall()
+            for row in rows:
+                dst.execute(f"INSERT INTO {prefix}_records VALUES (%s,%s,%s,%s,%s,%s,%s::jsonb,%s)", row)
+            for row in src.execute(f"SELECT * FROM {prefix}_meta").fetchall():
+                dst.execute(f"INSERT INTO {prefix}_meta VALUES (%s,%s)", row)
+        clone = PostgresJournal(copy_dsn, table_prefix=prefix, take_over=True, lease_timeout=2)
+        clone.open()  # same journal id, same lease key, another database
+        assert clone.journal_id == original.journal_id
+        assert clone.lease_holders() == []
+        clone.close()
+        # The original's writer was not touched.
+        original.append(encoded(original, 2, 1), 2, 2)
+        assert stored_seqs(prefix) == [1, 2]
+    finally:
+        original.close()
+        sql(f"DROP DATABASE IF EXISTS {copy_db} WITH (FORCE)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_reports_a_fenced_writer_as_failed(cluster: Cluster) -> None:
+    from test_pb import Harness
+
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    harness = Harness(writer)
+    await harness.start()
+    try:
+        reader = await harness.login("reader", "reader-pw")
+        assert (await reader.callRemote("status"))["role"] == "writer"
+        cluster.writer(take_over=True)  # fences the first
+        with pytest.raises(JournalWriteError):
+            await writer.execute(Deposit("alice", 1))
+        status = await reader.callRemote("status")
+        assert status["role"] == "failed" and "took over" in status["error"]
+        assert "Do not restart this one with --take-over" in status["error"]
     finally:
         await harness.close()

@@ -272,6 +272,8 @@ def test_twistd_options_build_a_replica(tmp_path: Any) -> None:
         parse("--replica-of", "postgresql://127.0.0.1/test", "--journal", "postgresql://127.0.0.1/test")
     with pytest.raises(usage.UsageError, match="needs --replica-of"):
         parse("--auto-promote")
+    with pytest.raises(usage.UsageError, match="only means something with --auto-promote"):
+        parse("--replica-of", "postgresql://127.0.0.1/test", "--promote-grace", "2")
     with pytest.raises(usage.UsageError, match="needs a PostgreSQL --journal"):
         parse("--take-over")
     with pytest.raises(usage.UsageError, match="for a writer"):

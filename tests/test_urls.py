@@ -57,6 +57,18 @@ def test_twistd_option_makes_paths_absolute_and_refuses_unknown(tmp_path: Path, 
         _options(tmp_path, "--journal", "mongodb://x")
 
 
+@pytest.mark.parametrize("option", ["--journal", "--snapshots", "--replica-of"])
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:p%ZZsecret@127.0.0.1/db", "postgresql://u:p%ZZsecret@[127.0.0.1/db"]
+)
+def test_a_malformed_postgresql_url_is_refused_without_its_password(
+    tmp_path: Path, option: str, url: str
+) -> None:
+    with pytest.raises(usage.UsageError, match="is not a valid PostgreSQL URL") as info:
+        _options(tmp_path, option, url)
+    assert "secret" not in str(info.value) and option in str(info.value)
+
+
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_twistd_service_on_an_sqlite_journal(tmp_path: Path) -> None:

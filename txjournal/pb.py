@@ -444,18 +444,33 @@ class JournalAvatar(pb.Avatar):
 
     def perspective_status(self) -> dict[str, Any]:
         """
-        What this server is: ``{"role": "writer" | "replica", "last_seq",
-        "lag"}`` (``lag`` as :meth:`ReplicaService.lag`, ``None`` for a
-        writer). Any logged-in user may ask: clients use it to find the
-        writer after a failover.
+        What this server is: ``{"role", "last_seq", "lag", "error"}``.
+        ``role`` is ``"writer"``, ``"replica"``, or ``"failed"`` for a
+        writer that stopped accepting commands (a write error, or fenced by
+        a new writer) or a replica that stopped following (a gap, damage);
+        ``error`` then says why. ``lag`` is :meth:`ReplicaService.lag` for
+        a replica, ``None`` otherwise. Any logged-in user may ask: clients
+        use it to find the writer after a failover.
         """
         self._check_running()
         service: Any = self.service
-        lag = service.lag() if hasattr(service, "lag") else None
-        promoted = getattr(service, "promoted", None)
-        role = "replica" if promoted is False else "writer"
-        last_seq = lag["last_applied_seq"] if lag is not None else service.engine.applied_seq
-        return {"role": role, "last_seq": last_seq, "lag": lag if role == "replica" else None}
+        if getattr(service, "promoted", None) is False:
+            lag = service.lag()
+            halted = service.halted
+            return {
+                "role": "failed" if halted is not None else "replica",
+                "last_seq": lag["last_applied_seq"],
+                "lag": lag,
+                "error": _shorten(halted.getErrorMessage()) if halted is not None else None,
+            }
+        engine = service.engine
+        failed = engine.failed
+        return {
+            "role": "failed" if failed is not None else "writer",
+            "last_seq": engine.applied_seq,
+            "lag": None,
+            "error": _exception_text(failed) if failed is not None else None,
+        }
 
     def perspective_promote(self, take_over: object = False) -> Deferred[dict[str, Any]]:
         """

@@ -77,7 +77,7 @@ from txjournal.errors import (
     UnknownCommand,
 )
 from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
-from txjournal.journal.postgres import PostgresJournal
+from txjournal.journal.postgres import PostgresJournal, pg_connect
 from txjournal.readiness import Readiness
 from txjournal.schema import Context, Schema
 from txjournal.service import JournalService, load_newest_snapshot
@@ -190,6 +190,12 @@ class ReplicaJournal(PostgresJournal):
 
     def __init__(self, dsn: str, table_prefix: str = "txjournal") -> None:
         super().__init__(dsn, table_prefix=table_prefix, sync=True)
+        self._closed = False
+
+    def close(self) -> None:
+        # Until the next open(): a fetch that runs late must not reconnect.
+        self._closed = True
+        super().close()
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = self._conn
@@ -198,7 +204,9 @@ class ReplicaJournal(PostgresJournal):
         self._conn = None
         if conn is not None:
             conn.close()
-        conn = psycopg.connect(self._dsn, autocommit=True)
+        if self._closed:
+            raise NotRunning(f"the replica's connection to {self.location} was closed")
+        conn = pg_connect(self._dsn)
         try:
             conn.execute("SET default_transaction_read_only = on")
             row = conn.execute(
@@ -220,6 +228,7 @@ class ReplicaJournal(PostgresJournal):
         return conn
 
     def open(self) -> None:
+        self._closed = False
         self._connect()
         self._failed = None
         rows = self._execute(f"SELECT value FROM {self.meta_table} WHERE key = %s", ("journal_id",))
@@ -233,7 +242,7 @@ class ReplicaJournal(PostgresJournal):
 
     def listen(self) -> psycopg.Connection[Any]:
         """A new connection that has run ``LISTEN`` on the writer's channel (blocking)."""
-        conn = psycopg.connect(self._dsn, autocommit=True)
+        conn = pg_connect(self._dsn)
         try:
             conn.execute(f"LISTEN {self.channel}")
         except BaseException:
@@ -431,6 +440,21 @@ class ReplicaService(Service, Generic[M]):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self._stop_listening()
+        promoting = self._promoting
+        if promoting is not None:
+            # Let it finish (it sees the service stopped and backs out, or
+            # it had already become the writer), then stop what is left.
+            settled: Deferred[None] = Deferred()
+
+            def relay(result: object) -> object:
+                settled.callback(None)
+                return result
+
+            promoting.addBoth(relay)
+            return settled.addCallback(lambda _: self._stop())
+        return self._stop()
+
+    def _stop(self) -> Deferred[None]:
         writer = self._writer
         if writer is not None:
             d0 = writer.stopService()
@@ -645,7 +669,9 @@ class ReplicaService(Service, Generic[M]):
                 writer=self.writer, error=f.getErrorMessage(),
             )
 
-        self.promote().addErrback(lost)
+        # No waiting for the lease: the replicas that lose the race go back
+        # to following at once instead of standing still for lease_timeout.
+        self._promote(False, 0.0).addErrback(lost)
 
     def _note_position(self, newest: int, newest_ns: int, applied_ns: int | None) -> None:
         # The writer's newest row never goes away (pruning keeps it).
@@ -669,6 +695,7 @@ class ReplicaService(Service, Generic[M]):
 
     def _halt(self, failure: Failure) -> None:
         self.halted = failure
+        self._stop_listening()
         self.log.failure(
             "Replica of {writer} stopped following at sequence number {seq}: the model "
             "stays as of that record; restart the replica (from a newer snapshot) to recover",
@@ -732,6 +759,13 @@ class ReplicaService(Service, Generic[M]):
     # -- promotion ----------------------------------------------------------------
 
     @property
+    def engine(self) -> Any:
+        """The writer's engine once promoted (:class:`NotRunning` before)."""
+        if self._writer is None:
+            raise NotRunning("a replica has no engine: it applies the writer's records")
+        return self._writer.engine
+
+    @property
     def promoted(self) -> bool:
         """Whether this replica has become the writer."""
         return self._writer is not None
@@ -760,6 +794,9 @@ class ReplicaService(Service, Generic[M]):
         :param take_over: fence a live writer (bump the epoch so its next
             batch fails, end its database session) instead of refusing.
         """
+        return self._promote(take_over, self.lease_timeout)
+
+    def _promote(self, take_over: bool, lease_timeout: float) -> Deferred[None]:
         if self._writer is not None:
             return succeed(None)
         if self._promoting is not None:
@@ -787,14 +824,17 @@ class ReplicaService(Service, Generic[M]):
             writer=self.writer, seq=self.applied_seq,
             how=" (taking over from a live writer)" if take_over else "",
         )
+        was_following = self.following
         self._stop_listening()
         d: Deferred[Any] = self.pause_following()
-        d.addCallback(lambda _: self._db_lock.run(self._in_thread, self._open_writer_journal, take_over))
+        d.addCallback(
+            lambda _: self._db_lock.run(self._in_thread, self._open_writer_journal, take_over, lease_timeout)
+        )
         d.addCallback(self._become_writer, started)
 
         def refused(f: Failure) -> Failure:
             self._promoting = None
-            if self._writer is None and self.halted is None and self.running:
+            if self._writer is None and self.halted is None and self.running and was_following:
                 self.resume_following()
             self.log.warn(
                 "Promotion of the replica of {writer} failed: {error}",
@@ -810,12 +850,12 @@ class ReplicaService(Service, Generic[M]):
         self._promoting = d
         return d
 
-    def _open_writer_journal(self, take_over: bool) -> PostgresJournal:
+    def _open_writer_journal(self, take_over: bool, lease_timeout: float) -> PostgresJournal:
         """In a pool thread: take the lease and the next writer epoch."""
         journal = PostgresJournal(
             self.journal._dsn, self.journal.table_prefix,
             sync=self.writer_options.get("sync", True),
-            take_over=take_over, lease_timeout=self.lease_timeout,
+            take_over=take_over, lease_timeout=lease_timeout,
         )
         try:
             journal.open()
@@ -827,7 +867,9 @@ class ReplicaService(Service, Generic[M]):
     def _become_writer(self, journal: PostgresJournal, started: float) -> None:
         """On the reactor: replay what was not applied yet, start accepting commands."""
         model = self._model
-        assert model is not None
+        if not self.running or model is None:
+            journal.close()  # frees the lease
+            raise NotRunning("the replica stopped while it was being promoted")
         from_seq = self.applied_seq
         options = dict(self.writer_options)
         store: ISnapshotStore = self.snapshots if self.snapshots is not None else NoSnapshotStore()
@@ -843,13 +885,32 @@ class ReplicaService(Service, Generic[M]):
         except BaseException:
             # The epoch was bumped and the model may have moved past
             # applied_seq: this process can neither write nor follow.
+            # (startService released the journal, and with it the lease.)
             self._halt(Failure())
             raise
-        # No snapshot at the replica's position may exist yet: let the next one be written.
-        writer.last_snapshot_seq = max(store.list(), default=0)
+        # The model has moved past applied_seq: from here on this process is
+        # the writer, whatever else goes wrong (following again would apply
+        # the caught-up records a second time).
         self._writer = writer
+        try:
+            self._after_promotion(writer, journal, store, started)
+        except Exception:
+            self.log.failure("Error after promotion (this process is the writer nonetheless)")
+
+    def _after_promotion(
+        self, writer: _PromotedService[M], journal: PostgresJournal, store: ISnapshotStore, started: float
+    ) -> None:
+        try:
+            newest = max(store.list(), default=0)
+        except Exception:
+            self.log.failure("Could not list snapshots after promotion; the next one will be written")
+            newest = -1
+        # No snapshot at the replica's position may exist yet: let the next one be written.
+        writer.last_snapshot_seq = newest
         # Under the lock: a lag check queued meanwhile may be using it.
-        self._db_lock.run(self.journal.close)
+        self._db_lock.run(self.journal.close).addErrback(
+            lambda f: self.log.failure("Closing the replica's connection failed", f)
+        )
         self.promotion_seconds = time.monotonic() - started
         self.log.info(
             "Promoted: this process is now the writer of {where} (writer epoch {epoch}); "
@@ -898,7 +959,7 @@ class ReplicaService(Service, Generic[M]):
 
     def check_lag(self) -> Deferred[dict[str, Any]]:
         """Ask the database for the writer's position now (applies nothing); Deferred of :meth:`lag`."""
-        if self._writer is not None:
+        if self._writer is not None or self._promoting is not None:
             return succeed(self.lag())
         if self._model is None:
             return fail(NotRunning("the replica is not running"))

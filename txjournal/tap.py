@@ -220,7 +220,7 @@ class Options(usage.Options):
         ["snapshots", None, "", "Where snapshots live: sqlite:///path.db, postgresql://user@host/db, or file: (DATADIR/snapshots, the default)."],
         ["replica-of", None, "", "Run as a read-only replica following the writer's PostgreSQL journal at this URL (postgresql://user@host/db): queries only, commands are refused."],
         ["poll-interval", None, 0.5, "With --replica-of: seconds between polls for new journal records (the writer's NOTIFY wakes the replica sooner).", _non_negative_float],
-        ["promote-grace", None, 1.0, "With --auto-promote: seconds without a live writer before this replica promotes itself.", _non_negative_float],
+        ["promote-grace", None, None, "With --auto-promote: seconds without a live writer before this replica promotes itself. [default: 1]", _non_negative_float],
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
@@ -260,6 +260,10 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--snapshots: {e}") from e
         if self["replica-of"]:
+            try:
+                urls.check(self["replica-of"])
+            except ValueError as e:
+                raise usage.UsageError(f"--replica-of: {e}") from e
             if not self["replica-of"].startswith(("postgresql://", "postgres://")):
                 raise usage.UsageError(
                     f"--replica-of {urls.describe(self['replica-of'])!r}: a replica follows a "
@@ -273,6 +277,8 @@ class Options(usage.Options):
                 raise usage.UsageError("--take-over is for a writer; a replica takes over with 'python -m txjournal promote --take-over'")
         elif self["auto-promote"]:
             raise usage.UsageError("--auto-promote needs --replica-of: only a replica is promoted")
+        if self["promote-grace"] is not None and not self["auto-promote"]:
+            raise usage.UsageError("--promote-grace only means something with --auto-promote")
         if self["take-over"] and not self["journal"].startswith(("postgresql://", "postgres://")):
             raise usage.UsageError("--take-over needs a PostgreSQL --journal: only it has a lease to take over")
         datadir = self["datadir"] or os.path.join("var", self.schema.name)
@@ -336,7 +342,7 @@ def makeService(options: Options) -> MultiService:
             snapshots=open_snapshot_store(options["snapshots"]) if options["snapshots"] else None,
             poll_interval=options["poll-interval"],
             auto_promote=bool(options["auto-promote"]),
-            promote_grace=options["promote-grace"],
+            promote_grace=1.0 if options["promote-grace"] is None else options["promote-grace"],
             # What the replica becomes if promoted: a writer like any other.
             writer_options={
                 "sync": sync,

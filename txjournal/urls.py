@@ -40,6 +40,18 @@ def check(url: str) -> str:
             raise ValueError("sqlite URL names no file; use sqlite:///absolute/path.db")
         return "sqlite://" + os.path.abspath(path)
     if url.startswith(_POSTGRES):
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(url)
+        except ImportError:
+            pass  # psycopg not installed: opening the journal says so
+        except Exception:
+            # psycopg's own message quotes the URL, password included.
+            raise ValueError(
+                f"{hide_password(url)} is not a valid PostgreSQL URL (check its "
+                f"percent-encoding, brackets and port)"
+            ) from None
         return url
     raise ValueError(
         f"unknown journal URL {describe(url)!r}: use sqlite:///path.db, "
@@ -82,7 +94,7 @@ def check_snapshots(url: str) -> str:
     try:
         return check(url)
     except ValueError as e:
-        if url.startswith(_SQLITE):
+        if url.startswith((_SQLITE, *_POSTGRES)):
             raise
         raise ValueError(
             f"unknown snapshot store URL {describe(url)!r}: use sqlite:///path.db, "

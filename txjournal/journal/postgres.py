@@ -65,6 +65,11 @@ from txjournal.errors import WriterActive
 from txjournal.interfaces import IJournal
 from txjournal.journal.sql import Fenced, Row, SequenceTaken, SQLJournal
 
+_FENCED_ADVICE = (
+    ": the journal has a new writer. Do not restart this one with --take-over, "
+    "which would fence the new writer; restart it as a replica (--replica-of) instead"
+)
+
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
 
@@ -85,9 +90,33 @@ def lease_holders_sql(key: int) -> tuple[str, tuple[int, int]]:
         "SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'), "
         "a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        # Advisory locks are per database, and a copied database keeps its
+        # journal id: another database's writer is not this journal's.
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.pid <> pg_backend_pid()",
         (unsigned >> 32, unsigned & 0xFFFFFFFF),
     )
+
+
+#: Connection settings a dead server or a silent network cannot hang
+#: forever: libpq gives up connecting after ``connect_timeout`` seconds,
+#: keepalives find a peer that vanished, and ``tcp_user_timeout`` (ms)
+#: fails a send that nothing acknowledges. Settings in the URL win.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+
+def pg_connect(dsn: str, **settings: str) -> psycopg.Connection[Any]:
+    """``psycopg.connect`` in autocommit mode, with :data:`CONNECTION_DEFAULTS` where ``dsn`` sets nothing."""
+    given = conninfo_to_dict(dsn)
+    extra = {k: v for k, v in {**CONNECTION_DEFAULTS, **settings}.items() if k not in given}
+    return psycopg.connect(make_conninfo(dsn, **extra), autocommit=True)
 
 
 def redact(dsn: str) -> str:
@@ -241,10 +270,8 @@ class PostgresJournal(SQLJournal):
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is not None:
             return self._conn
-        if "application_name" in conninfo_to_dict(self._dsn):
-            conn = psycopg.connect(self._dsn, autocommit=True)
-        else:  # so an operator can tell the writer's session in pg_stat_activity
-            conn = psycopg.connect(self._dsn, autocommit=True, application_name="txjournal writer")
+        # The application name lets an operator tell the writer's session in pg_stat_activity.
+        conn = pg_connect(self._dsn, application_name="txjournal writer")
         try:
             self._settle_durability(conn)
             with conn.transaction():
@@ -317,7 +344,8 @@ class PostgresJournal(SQLJournal):
             if current is not None and current != self.epoch:
                 raise Fenced(
                     f"another writer took over {self.where} (writer epoch {current}, this "
-                    f"writer's {self.epoch}) and ended this writer's session ({e})"
+                    f"writer's {self.epoch}) after this writer's connection failed ({e}); "
+                    f"this writer must stop{_FENCED_ADVICE}"
                 ) from e
             raise
         inserted, current, newest = row[:3] if row else (0, None, None)
@@ -326,7 +354,7 @@ class PostgresJournal(SQLJournal):
         if current != self.epoch:
             raise Fenced(
                 f"another writer took over {self.where} (writer epoch {current}, "
-                f"this writer's {self.epoch}); this writer must stop"
+                f"this writer's {self.epoch}); this writer must stop{_FENCED_ADVICE}"
             )
         if newest != first_seq - 1:
             raise SequenceTaken(
@@ -338,7 +366,7 @@ class PostgresJournal(SQLJournal):
     def _epoch_elsewhere(self) -> int | None:
         """The writer epoch read on a short-lived connection of its own; ``None`` if unreachable."""
         try:
-            with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+            with pg_connect(self._dsn, connect_timeout="5") as conn:
                 row = conn.execute(
                     f"SELECT value FROM {self.meta_table} WHERE key = 'writer_epoch'"
                 ).fetchone()
