@@ -243,7 +243,8 @@ class PostgresJournal(SQLJournal):
                 f"over with --take-over (which fences it)"
             ) from None
         finally:
-            conn.execute("RESET lock_timeout")
+            if not conn.broken:  # else the error above is the one to report
+                conn.execute("RESET lock_timeout")
 
     def _take_over(self) -> None:
         """
