@@ -557,8 +557,51 @@ def load_part(payload: dict[str, Any]) -> tuple[list[Result], list[Skipped]]:
     return results, skipped
 
 
+def compare_table(results: list[Result], previous_path: str) -> str:
+    """
+    Each row next to the same row of an earlier results file (``--compare``):
+    rate, p50 and peak RSS before and after, and after/before. Figures from
+    different runs are only comparable in the same conditions (same machine,
+    same load; see the load averages).
+    """
+    with open(previous_path) as f:
+        payload = json.load(f)
+    before = {r.key: r for r in load_part(payload)[0]}
+    then = payload.get("info", {}).get("loadavg_before")
+    lines = [
+        f"before/after against {previous_path} ({payload.get('timestamp', '?')}, "
+        f"{payload.get('mode', '?')} mode, load average then "
+        f"{', '.join(f'{x:.2f}' for x in then) if then else '?'})",
+        f"{'':58} {'rate before':>12} {'rate after':>12} {'x':>6} "
+        f"{'p50 before':>10} {'p50 after':>10} {'x':>6} {'RSS bef.':>8} {'RSS aft.':>8}",
+    ]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        r = _ratio(a, b)
+        return "-" if r is None else f"{r:.2f}"
+
+    for r in results:
+        old = before.get(r.key)
+        if old is None:
+            continue
+        lines.append(
+            f"{r.label[:58]:58} {fmt(old.rate, ',.0f'):>12} {fmt(r.rate, ',.0f'):>12} "
+            f"{ratio(r.rate, old.rate):>6} {fmt(old.p50_ms, '.3f'):>10} "
+            f"{fmt(r.p50_ms, '.3f'):>10} {ratio(r.p50_ms, old.p50_ms):>6} "
+            f"{fmt(old.rss_mib, '.1f'):>8} {fmt(r.rss_mib, '.1f'):>8}"
+        )
+    missing = [k for k in before if k not in {r.key for r in results}]
+    if missing:
+        lines.append(f"not measured this time: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
 def add_common_options(parser: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="small counts and short runs")
+    parser.add_argument(
+        "--compare", metavar="JSON",
+        help="also print each figure next to the same one in an earlier results file",
+    )
     parser.add_argument(
         "--dir", help="parent of the scratch directory (default: var/ in the checkout; not tmpfs)"
     )
@@ -587,4 +630,6 @@ def finish_part(
     if not args.no_table:
         targets = [t for t in check_targets(by_key) if t.met is not None]
         print(format_table(f"txjournal benchmark: {title}", results, info, skipped, targets))
+        if getattr(args, "compare", None):
+            print(compare_table(results, args.compare))
         print(f"total {info['total_seconds']:.1f} s; results written to {out}")

@@ -47,6 +47,7 @@ from common import (
     Skipped,
     add_ratios,
     check_targets,
+    compare_table,
     format_table,
     load_part,
     log,
@@ -140,6 +141,8 @@ def main() -> None:
     targets = check_targets(by_key)
     print(format_table("txjournal benchmark suite, side by side", results, info, skipped,
                        targets))
+    if args.compare:
+        print(compare_table(results, args.compare))
     stamp = time.strftime("%Y%m%dT%H%M%S")
     payload = {
         "benchmark": "all",
@@ -183,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="client processes sharing the 50 PB connections (default 5)")
     parser.add_argument("--no-unsafe", action="store_true",
                         help="skip the sync=False reference row")
+    parser.add_argument("--compare", metavar="JSON",
+                        help="also print each figure next to the same one in an earlier "
+                             "results file (bench/results/*.json, docs/bench.json)")
     return parser.parse_args(argv)
 
 

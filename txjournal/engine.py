@@ -11,10 +11,14 @@ previous one is applied, so the disk and the model work in parallel.
 
 from __future__ import annotations
 
+import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import msgpack
+from crc32c import crc32c
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,20 +41,22 @@ M = TypeVar("M")
 Runner = Callable[..., "Deferred[Any]"]
 
 DEFAULT_MAX_PENDING = 100_000
+_MASK_DELTA = rec.MASK_DELTA
 
 
-class _Pending:
-    __slots__ = ("command", "seq", "time_ns", "user", "deferred", "data")
+#: One accepted record waiting for the disk: ``(command, seq, time_ns, user,
+#: deferred)``, ``command`` being ``None`` for an audit record. A plain tuple:
+#: one is built per command on the reactor thread.
+_Pending = tuple[Any, int, int, "str | None", "Deferred[Any]"]
 
-    def __init__(
-        self, command: Any, seq: int, time_ns: int, user: str | None, data: bytes
-    ) -> None:
-        self.command = command
-        self.seq = seq
-        self.time_ns = time_ns
-        self.user = user
-        self.data = data
-        self.deferred: Deferred[Any] = Deferred()
+_SEQ_TIME = struct.Struct("<Qq")  # the start of a record body: seq, time_ns
+_BODY_REST = struct.Struct("<HBBB")  # the rest of its head: version, kind, name_len, user_len
+_PREFIX = struct.Struct("<II")  # length, crc
+_LENGTH = struct.Struct("<I")
+assert _SEQ_TIME.size + _BODY_REST.size == rec.BODY_HEAD_SIZE
+#: A payload this long or shorter always fits, whatever the name (at most
+#: 255 bytes) and with no user: the size check can be skipped.
+_SMALL_PAYLOAD = rec.MAX_RECORD_SIZE - rec.BODY_HEAD_SIZE - 255
 
 
 class Engine(Generic[M]):
@@ -83,10 +89,22 @@ class Engine(Generic[M]):
         self._salt: bytes = journal.salt
         self._run = runner
         self._seconds = seconds
+        # The reactor's clock is time.time: read it in nanoseconds directly
+        # (cheaper than scaling a float); any other clock (a test's) is scaled.
+        self._time_ns: Callable[[], int] = (
+            time.time_ns if seconds is time.time else lambda: int(seconds() * 1e9)
+        )
         self._next_seq = next_seq
         self._last_time_ns = last_time_ns
         self._max_pending = max_pending
         self._batch: list[_Pending] = []
+        self._parts: list[bytes] = []  # the framed records of _batch
+        self._encode_live = schema.encode_live
+        # One packer for the reactor thread: msgpack.packb builds a new one per call.
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._rests: dict[bytes, bytes] = {}  # body after seq+time, by command name
+        self._salt_state = rec.salt_crc(self._salt)
+        self._length_crc: dict[int, int] = {}
         self._pending = 0  # accepted, not yet applied or failed
         self._flushing = False
         self._durable: deque[list[_Pending]] = deque()
@@ -141,26 +159,33 @@ class Engine(Generic[M]):
         Anything wrong with the command itself (unregistered, unencodable)
         fails the returned Deferred at once and writes nothing.
         """
-        refused = self._refusal("commands")
-        if refused is not None:
-            return fail(refused)
-        schema = self.schema
+        if self._failed is not None or self._closed or self._pending >= self._max_pending:
+            return fail(self._refusal("commands"))
         try:
-            ctype, payload = schema.encode(command)
-            # What runs live is decoded from the very bytes that replay will
-            # decode: a caller mutating its object later, or a tuple that
+            # What runs live is what replay will decode from the very same
+            # bytes: a caller mutating its object later, or a tuple that
             # comes back as a list, cannot make the two runs differ.
-            live = schema.decode(ctype.name, ctype.version, payload)
-            user_bytes = _user_bytes(ctype.name_bytes, user, payload, "its record")
+            ctype, payload, live = self._encode_live(command, self._pack)
+            name = ctype.name_bytes
+            if user is None and len(payload) <= _SMALL_PAYLOAD:
+                rest = self._rests.get(name)
+                if rest is None:
+                    rest = _BODY_REST.pack(ctype.version, rec.KIND_COMMAND, len(name), 0) + name
+                    self._rests[name] = rest
+            else:
+                user_bytes = _user_bytes(name, user, payload, "its record")
+                rest = (
+                    _BODY_REST.pack(ctype.version, rec.KIND_COMMAND, len(name), len(user_bytes))
+                    + name
+                    + user_bytes
+                )
         except InvalidArguments as e:
             return fail(CommandEncodeError(
-                f"command {ctype.name!r} does not survive encoding: {e}"
+                f"command {self.schema.type_of(command).name!r} does not survive encoding: {e}"
             ))
         except Exception:
             return fail()
-        return self._append(
-            live, ctype.name_bytes, ctype.version, payload, user, user_bytes, rec.KIND_COMMAND
-        )
+        return self._append(live, rest, payload, user)
 
     def audit(self, name_bytes: bytes, arguments: bytes, user: str | None) -> Deferred[None]:
         """
@@ -175,7 +200,12 @@ class Engine(Generic[M]):
             user_bytes = _user_bytes(name_bytes, user, arguments, "the query's audit record")
         except InvalidArguments:
             return fail()
-        return self._append(None, name_bytes, 1, arguments, user, user_bytes, rec.KIND_QUERY)
+        rest = (
+            _BODY_REST.pack(1, rec.KIND_QUERY, len(name_bytes), len(user_bytes))
+            + name_bytes
+            + user_bytes
+        )
+        return self._append(None, rest, arguments, user)
 
     def _refusal(self, what: str) -> Exception | None:
         """Why nothing more can be accepted right now, if so."""
@@ -194,36 +224,53 @@ class Engine(Generic[M]):
         return None
 
     def _append(
-        self,
-        command: Any,
-        name_bytes: bytes,
-        version: int,
-        payload: bytes,
-        user: str | None,
-        user_bytes: bytes,
-        kind: int,
+        self, command: Any, rest: bytes, payload: bytes, user: str | None
     ) -> Deferred[Any]:
+        """
+        Sequence and frame one record (see :mod:`txjournal.record`; this is
+        :func:`~txjournal.record.encode_record` with the checksum state of
+        salt and length cached) and queue it for the next flush.
+        ``rest`` is the body after ``seq, time_ns``: version, kind, the two
+        lengths, name and user.
+        """
         seq = self._next_seq
         self._next_seq = seq + 1
-        time_ns = int(self._seconds() * 1e9)
+        time_ns = self._time_ns()
         if time_ns < self._last_time_ns:
             time_ns = self._last_time_ns
         self._last_time_ns = time_ns
-        data = rec.encode_record(
-            self._salt, seq, time_ns, name_bytes, version, payload, user_bytes, kind
+        body = _SEQ_TIME.pack(seq, time_ns) + rest + payload
+        length = len(body)
+        state = self._length_crc.get(length)
+        if state is None:
+            state = self._length_state(length)
+        c = crc32c(body, state)
+        self._parts.append(
+            _PREFIX.pack(
+                length, (((c * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF  # rec.mask(c)
+            )
+            + body
         )
-        pending = _Pending(command, seq, time_ns, user, data)
-        self._batch.append(pending)
+        d: Deferred[Any] = Deferred()
+        self._batch.append((command, seq, time_ns, user, d))
         self._pending += 1
         if not self._flushing:
             self._flush()
-        return pending.deferred
+        return d
+
+    def _length_state(self, length: int) -> int:
+        """The CRC-32C state after ``salt | length``, cached by length."""
+        cache = self._length_crc
+        if len(cache) >= 4096:
+            cache.clear()
+        state = cache[length] = crc32c(_LENGTH.pack(length), self._salt_state)
+        return state
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
+        parts, self._parts = self._parts, []
         self._flushing = True
-        data = b"".join([p.data for p in batch])
-        d = self._run(self._journal.append, data, batch[0].seq, batch[-1].seq)
+        d = self._run(self._journal.append, b"".join(parts), batch[0][1], batch[-1][1])
         d.addCallbacks(
             self._flushed, self._flush_failed, callbackArgs=(batch,), errbackArgs=(batch,)
         )
@@ -243,24 +290,24 @@ class Engine(Generic[M]):
         self._applying = True
         model = self.model
         journal_id = self._journal_id
+        durable = self._durable
         try:
-            while self._durable:
-                batch = self._durable.popleft()
+            while durable:
+                batch = durable.popleft()
                 self._pending -= len(batch)
-                for p in batch:
-                    if p.command is None:  # an audit record: nothing to apply
-                        self.applied_seq = p.seq
-                        p.deferred.callback(None)
+                for command, seq, time_ns, user, d in batch:
+                    if command is None:  # an audit record: nothing to apply
+                        self.applied_seq = seq
+                        d.callback(None)
                         continue
-                    ctx = Context(p.seq, p.time_ns, journal_id, p.user)
                     try:
-                        result = p.command.execute(model, ctx)
+                        result = command.execute(model, Context(seq, time_ns, journal_id, user))
                     except Exception:
-                        self.applied_seq = p.seq
-                        p.deferred.errback(Failure())
+                        self.applied_seq = seq
+                        d.errback(Failure())
                     else:
-                        self.applied_seq = p.seq
-                        p.deferred.callback(result)
+                        self.applied_seq = seq
+                        d.callback(result)
         finally:
             self._applying = False
         self._check_idle()
@@ -270,7 +317,7 @@ class Engine(Generic[M]):
         cause: BaseException = failure.value  # type: ignore[assignment]
         err = JournalWriteError(
             f"writing the journal failed ({describe_os_error(cause)}); the outcome of "
-            f"commands {batch[0].seq}..{batch[-1].seq} is unknown and they were not "
+            f"commands {batch[0][1]}..{batch[-1][1]} is unknown and they were not "
             f"applied. The journal accepts no more commands: fix the cause and "
             f"restart the service, which recovers exactly what reached the disk"
         )
@@ -282,12 +329,13 @@ class Engine(Generic[M]):
             cause=describe_os_error(cause),
         )
         waiting, self._batch = self._batch, []
+        self._parts = []
         self._pending -= len(batch) + len(waiting)
         for p in batch:
-            p.deferred.errback(err)
+            p[4].errback(err)
         refused = JournalFailed(f"not written: {err}")
         for p in waiting:
-            p.deferred.errback(refused)
+            p[4].errback(refused)
         self._check_idle()
 
 

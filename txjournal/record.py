@@ -47,7 +47,8 @@ _LENGTH = struct.Struct("<I")
 #: Upper bound on one record's body; anything larger is damage, not data.
 MAX_RECORD_SIZE = 64 * 1024 * 1024
 
-_MASK_DELTA = 0xA282EAD8
+MASK_DELTA = 0xA282EAD8
+_MASK_DELTA = MASK_DELTA
 
 
 def mask(crc: int) -> int:
@@ -55,7 +56,10 @@ def mask(crc: int) -> int:
     Mask a CRC as LevelDB does, so that a record holding CRCs of its own
     (an embedded journal, say) does not make the outer checksum weak.
     """
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+    # (crc * 0x100000001) is crc twice side by side: shifted right by 15, its
+    # low 32 bits are crc rotated right by 15 (fewer operations on ints than
+    # ``(crc >> 15) | (crc << 17)``, which replay pays per record).
+    return (((crc * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def checksum(salt: bytes, length: int, body: bytes | memoryview) -> int:
@@ -235,7 +239,7 @@ def decode_fast(
         return None
     body = buf[start:stop]
     c = crc32c(body, crc32c(_LENGTH.pack(length), salt_state))
-    if ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF != crc:
+    if (((c * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF != crc:
         return None
     p = BODY_HEAD_SIZE + name_len
     q = p + user_len
@@ -247,6 +251,82 @@ def decode_fast(
     except UnicodeDecodeError:
         return None
     return Record(seq, time_ns, name, version, kind, user, body[q:]), stop
+
+
+#: A :class:`Record` as a plain tuple: (seq, time_ns, name, version, kind, user, fields).
+RecordTuple = tuple[int, int, str, int, int, "str | None", bytes]
+
+
+def decode_run(
+    buf: bytes,
+    offset: int,
+    end: int,
+    salt_state: int,
+    length_states: dict[int, int],
+    expected: int,
+    limit: int,
+) -> tuple[list[RecordTuple], int]:
+    """
+    Decode consecutive records from ``offset``, the first of which must have
+    the sequence number ``expected``, in one tight loop: the bulk form of
+    :func:`decode_fast` for replay. Return the records and the offset after
+    the last one. The records are plain tuples in the order of
+    :class:`Record`'s fields (cheaper to build); ``Record._make`` or
+    ``tuple.__new__(Record, t)`` turns one into a :class:`Record`.
+
+    It stops after ``limit`` records, at ``end``, and *before* the first
+    record that is not valid or not numbered next (including one that
+    :func:`decode_fast` would pass to :func:`decode_at`): the caller decodes
+    that one with :func:`decode_at` for the exact error. ``salt_state`` comes
+    from :func:`salt_crc`; ``length_states`` caches the checksum state after
+    salt and length (one dict per salt, filled here).
+    """
+    records: list[RecordTuple] = []
+    append = records.append
+    unpack = _HEAD_ALL.unpack_from
+    pack_length = _LENGTH.pack
+    names = _names
+    last = expected + limit
+    limit_offset = end - _HEAD_ALL_SIZE
+    head_size = BODY_HEAD_SIZE
+    delta = _MASK_DELTA
+    max_size = MAX_RECORD_SIZE
+    while expected < last and offset <= limit_offset:
+        length, crc, seq, time_ns, version, kind, name_len, user_len = unpack(buf, offset)
+        start = offset + PREFIX_SIZE
+        stop = start + length
+        if seq != expected or stop > end or length < head_size or length > max_size:
+            break
+        state = length_states.get(length)
+        if state is None:
+            if len(length_states) >= 4096:
+                length_states.clear()
+            state = length_states[length] = crc32c(pack_length(length), salt_state)
+        c = crc32c(buf[start:stop], state)
+        if (((c * 0x100000001) >> 15) + delta) & 0xFFFFFFFF != crc:
+            break
+        start += head_size
+        p = start + name_len
+        if user_len:
+            q = p + user_len
+            if q > stop:
+                break
+            name = names.get(buf[start:p])
+            user = names.get(buf[p:q])
+            if name is None or user is None:
+                break
+        elif p > stop:
+            break
+        else:
+            q = p
+            name = names.get(buf[start:p])
+            if name is None:
+                break
+            user = None
+        append((seq, time_ns, name, version, kind, user, buf[q:stop]))
+        expected += 1
+        offset = stop
+    return records, offset
 
 
 def find_valid_record(

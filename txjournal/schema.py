@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import keyword
 import random
 import types
 import typing
@@ -87,6 +88,37 @@ class CommandType:
     field_names: tuple[str, ...]
     upgrade: Mapping[int, Upgrade]
     name_bytes: bytes
+    #: ``command -> {field: value}``: the fields the journal stores.
+    fields_of: Callable[[Any], dict[str, Any]] = dataclasses.field(
+        default=None, compare=False, repr=False  # type: ignore[assignment]
+    )
+
+    def __post_init__(self) -> None:
+        if self.fields_of is None:
+            object.__setattr__(self, "fields_of", _fields_getter(self.field_names))
+
+
+def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    """
+    A function ``command -> {name: command.name, ...}``, generated as
+    dataclasses generates ``__init__``: several times faster than a
+    comprehension over ``getattr``, which every command pays on the
+    reactor thread.
+    """
+    if all(n.isidentifier() and not keyword.iskeyword(n) and not n.startswith("__") for n in names):
+        ns: dict[str, Any] = {}
+        items = ", ".join(f"{n!r}: c.{n}" for n in names)
+        exec(f"def fields_of(c):\n    return {{{items}}}\n", ns)  # names checked above
+        getter: Callable[[Any], dict[str, Any]] = ns["fields_of"]
+        return getter
+    return lambda c: {n: getattr(c, n) for n in names}
+
+
+#: Types that MessagePack gives back unchanged (same type, equal value) and
+#: that cannot be mutated: a command whose fields are all of these decodes
+#: to exactly ``cls(**fields)``. Subclasses (an IntEnum, a str subclass) are
+#: not in it on purpose: they come back as the base type.
+_EXACT_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,14 +318,47 @@ class Schema(Generic[M]):
     def encode(self, command: object) -> tuple[CommandType, bytes]:
         """Encode a command's fields; raise :class:`CommandEncodeError` if they cannot be."""
         ctype = self.type_of(command)
-        fields = {f: getattr(command, f) for f in ctype.field_names}
         try:
-            return ctype, msgpack.packb(fields, use_bin_type=True)
+            return ctype, msgpack.packb(ctype.fields_of(command), use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
-            raise CommandEncodeError(
-                f"command {ctype.name!r} cannot be journaled: {e} (fields must be "
-                f"None, bool, int, float, str, bytes, lists and dicts of these)"
+            raise _encode_error(ctype, e) from None
+
+    def encode_live(
+        self, command: object, pack: Callable[[Any], bytes] | None = None
+    ) -> tuple[CommandType, bytes, object]:
+        """
+        :meth:`encode`, plus the command that :meth:`decode` rebuilds from
+        those bytes: what the live run executes, so that it cannot differ
+        from replay (a caller mutating its object later, a tuple that comes
+        back as a list).
+
+        When every field is of an immutable type that MessagePack gives back
+        unchanged, decoding would rebuild ``cls(**fields)`` from equal values,
+        so the command is rebuilt from the fields directly, without
+        decoding; otherwise it is decoded. ``pack`` is a reusable
+        ``msgpack.Packer(use_bin_type=True).pack`` (not thread-safe: one per
+        thread).
+        """
+        try:
+            ctype = self._by_class[type(command)]
+        except KeyError:
+            raise UnknownCommand(
+                type(command).__qualname__, self.name, list(self._commands)
             ) from None
+        fields = ctype.fields_of(command)
+        try:
+            payload = pack(fields) if pack is not None else msgpack.packb(fields, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise _encode_error(ctype, e) from None
+        exact = _EXACT_TYPES
+        for value in fields.values():
+            if type(value) not in exact:
+                return ctype, payload, self.decode(ctype.name, ctype.version, payload)
+        try:
+            return ctype, payload, ctype.cls(**fields)
+        except TypeError as e:
+            # As decode() says it.
+            raise InvalidArguments(f"fields of command {ctype.name!r} do not fit: {e}") from None
 
     def decode(self, name: str, version: int, payload: bytes) -> object:
         """
@@ -430,6 +495,13 @@ class Schema(Generic[M]):
                 "doc": inspect.getdoc(qtype.func) or "",
             }
         return {"schema": self.name, "commands": commands, "queries": queries}
+
+
+def _encode_error(ctype: CommandType, e: Exception) -> CommandEncodeError:
+    return CommandEncodeError(
+        f"command {ctype.name!r} cannot be journaled: {e} (fields must be "
+        f"None, bool, int, float, str, bytes, lists and dicts of these)"
+    )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -259,58 +259,98 @@ class JournalService(Service, Generic[M]):
         return load_newest_snapshot(self.schema, store, self.serializer, self.log)
 
     def _replay(self, journal: IJournal, model: M, snap_seq: int, newest: int) -> int:
+        from itertools import islice
+
         schema = self.schema
-        journal_id = None
+        journal_id = 0
         last_time_ns = 0
         count = 0
         started = last_report = time.monotonic()
-        decode, is_retired = schema.decode, schema.is_retired
-        for record in journal.replay(snap_seq + 1, newest):
-            seq, time_ns, name, version, kind, user, fields = record
-            if journal_id is None:
-                journal_id = journal.journal_id
-            last_time_ns = time_ns
-            count += 1
-            if kind != KIND_COMMAND:
-                if kind == KIND_QUERY:
-                    continue  # an audit record: nothing to apply
-                # Written by a newer txjournal: its meaning is unknown here, and
-                # skipping it could silently change history.
-                raise RecoveryError(
-                    f"record {seq} ({name!r}) has kind {kind}, unknown to this version of "
-                    f"txjournal: upgrade txjournal to read this journal"
-                )
-            if is_retired(name):
-                continue
-            try:
-                command = decode(name, version, fields)
-            except (UnknownCommand, InvalidArguments) as e:
-                raise RecoveryError(
-                    f"cannot replay record {seq} (command {name!r} version {version}): {e}"
-                ) from None
-            try:
-                command.execute(model, Context(seq, time_ns, journal_id, user))  # type: ignore[attr-defined]
-            except Exception as e:
-                # Part of history: the live run failed the same way.
-                self.log.debug(
-                    "Replayed command {seq} ({name}) raised {error!r}, as it did live",
-                    seq=seq, name=name, error=e,
-                )
-            if count % 8192 == 0:
-                now = time.monotonic()
-                if now - last_report >= _PROGRESS_EVERY:
-                    last_report = now
-                    rate = count / (now - started)
-                    total = getattr(journal, "progress_total", 0)
-                    done = getattr(journal, "progress_done", 0)
-                    left = (now - started) * (total - done) / done if total and done else None
-                    self.log.info(
-                        "Replaying: {count} records done, at {seq}, {rate:.0f}/s, "
-                        "{percent}, about {left} left",
-                        count=count, seq=seq, rate=rate,
-                        percent=f"{100 * done / total:.1f}%" if total else "?%",
-                        left=f"{left:.0f}s" if left is not None else "unknown",
+        decode, is_retired, commands = schema.decode, schema.is_retired, schema.commands
+        unpackb = msgpack.unpackb
+        # Per name: its CommandType, or False if retired. A record of the
+        # current version whose fields decode to a map is rebuilt here as
+        # schema.decode() would (same class, same fields); anything else goes
+        # through decode() itself, for upgrades and for its exact errors.
+        known: dict[str, Any] = {}
+        batches = getattr(journal, "replay_batches", None)
+        if batches is not None:
+            chunks = batches(snap_seq + 1, newest)
+        else:
+            records = iter(journal.replay(snap_seq + 1, newest))
+            chunks = iter(lambda: list(islice(records, 1024)), [])
+        for batch in chunks:
+            journal_id = journal.journal_id
+            before = count
+            count += len(batch)
+            last_time_ns = batch[-1][1]
+            for seq, time_ns, name, version, kind, user, fields in batch:
+                if kind != KIND_COMMAND:
+                    if kind == KIND_QUERY:
+                        continue  # an audit record: nothing to apply
+                    # Written by a newer txjournal: its meaning is unknown here, and
+                    # skipping it could silently change history.
+                    raise RecoveryError(
+                        f"record {seq} ({name!r}) has kind {kind}, unknown to this version of "
+                        f"txjournal: upgrade txjournal to read this journal"
                     )
+                entry = known.get(name)
+                if entry is None:
+                    if is_retired(name):
+                        known[name] = False
+                        continue
+                    ctype = commands.get(name)
+                    if ctype is not None:
+                        entry = known[name] = (ctype.cls, ctype.version)
+                elif entry is False:
+                    continue
+                command: Any = None
+                if entry is not None and version == entry[1]:
+                    try:
+                        values = unpackb(fields, raw=False, strict_map_key=False)
+                    except Exception:
+                        values = None
+                    if type(values) is dict:
+                        try:
+                            command = entry[0](**values)
+                        except TypeError as e:
+                            raise RecoveryError(
+                                f"cannot replay record {seq} (command {name!r} version "
+                                f"{version}): fields of command {name!r} do not fit: {e}"
+                            ) from None
+                if command is None:
+                    try:
+                        command = decode(name, version, fields)
+                    except (UnknownCommand, InvalidArguments) as e:
+                        raise RecoveryError(
+                            f"cannot replay record {seq} (command {name!r} version {version}): {e}"
+                        ) from None
+                try:
+                    command.execute(model, Context(seq, time_ns, journal_id, user))
+                except Exception as e:
+                    # Part of history: the live run failed the same way.
+                    self.log.debug(
+                        "Replayed command {seq} ({name}) raised {error!r}, as it did live",
+                        seq=seq, name=name, error=e,
+                    )
+            if before // 8192 == count // 8192:
+                continue
+            # Reported as of the last multiple of 8192 records in this batch.
+            reached = count // 8192 * 8192
+            now = time.monotonic()
+            if now - last_report >= _PROGRESS_EVERY:
+                last_report = now
+                rate = reached / (now - started)
+                total = getattr(journal, "progress_total", 0)
+                done = getattr(journal, "progress_done", 0)
+                left = (now - started) * (total - done) / done if total and done else None
+                self.log.info(
+                    "Replaying: {count} records done, at {seq}, {rate:.0f}/s, "
+                    "{percent}, about {left} left",
+                    count=reached, seq=batch[reached - before - 1][0], rate=rate,
+                    percent=f"{100 * done / total:.1f}%" if total else "?%",
+                    left=f"{left:.0f}s" if left is not None else "unknown",
+                )
         self.replayed = count
         # Records covered by the snapshot were read but not yielded: their time
         # still bounds the next record's, or logged times go backwards.
