@@ -589,3 +589,32 @@ async def test_status_reports_a_fenced_writer_as_failed(cluster: Cluster) -> Non
         assert "Do not restart this one with --take-over" in status["error"]
     finally:
         await harness.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_promotion_fetches_its_catch_up_off_the_reactor_thread(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    writer = cluster.writer()
+    await writer.execute(Deposit("alice", 1))
+    replica = cluster.replica()
+    await within(replica.when_applied(1))
+    await replica.pause_following()
+    for _ in range(30):
+        await writer.execute(Deposit("alice", 1))
+    await writer.stopService()
+    queries_on_reactor: list[str] = []
+    real_execute = PostgresJournal._execute
+
+    def watched(self: PostgresJournal, sql_text: str, params: Any = ()) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            queries_on_reactor.append(sql_text)
+        return real_execute(self, sql_text, params)
+
+    monkeypatch.setattr(PostgresJournal, "_execute", watched)
+    await within(replica.promote())
+    assert replica.model.accounts == {"alice": 31}
+    assert not [q for q in queries_on_reactor if "_records" in q], queries_on_reactor
+    assert await replica.execute(Deposit("alice", 1)) == 32

@@ -827,9 +827,7 @@ class ReplicaService(Service, Generic[M]):
         was_following = self.following
         self._stop_listening()
         d: Deferred[Any] = self.pause_following()
-        d.addCallback(
-            lambda _: self._db_lock.run(self._in_thread, self._open_writer_journal, take_over, lease_timeout)
-        )
+        d.addCallback(lambda _: self._db_lock.run(self._open_writer_locked, take_over, lease_timeout))
         d.addCallback(self._become_writer, started)
 
         def refused(f: Failure) -> Failure:
@@ -850,8 +848,17 @@ class ReplicaService(Service, Generic[M]):
         self._promoting = d
         return d
 
-    def _open_writer_journal(self, take_over: bool, lease_timeout: float) -> PostgresJournal:
-        """In a pool thread: take the lease and the next writer epoch."""
+    def _open_writer_locked(self, take_over: bool, lease_timeout: float) -> Deferred[PostgresJournal]:
+        # Read under the lock: a fetch that held it may just have applied more.
+        return self._in_thread(self._open_writer_journal, take_over, lease_timeout, self.applied_seq)
+
+    def _open_writer_journal(self, take_over: bool, lease_timeout: float, applied: int) -> PostgresJournal:
+        """
+        In a pool thread: take the lease and the next writer epoch, and
+        fetch the records past ``applied`` (the replica is paused), so that
+        the catch-up on the reactor thread applies them without waiting
+        for the database.
+        """
         journal = PostgresJournal(
             self.journal._dsn, self.journal.table_prefix,
             sync=self.writer_options.get("sync", True),
@@ -859,6 +866,7 @@ class ReplicaService(Service, Generic[M]):
         )
         try:
             journal.open()
+            journal.prefetch(applied + 1)
         except BaseException:
             journal.close()
             raise

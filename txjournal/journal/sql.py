@@ -144,6 +144,7 @@ class SQLJournal(ABC):
         self.next_seq = 1
         self.last_time_ns = 0
         self._replayed = False
+        self._prefetched: tuple[int, list[rec.Record], int, int] | None = None
         self._failed: BaseException | None = None
         #: Where messages say a row lives: the location plus, if needed, the table.
         self.where = location
@@ -192,12 +193,29 @@ class SQLJournal(ABC):
         self.journal_id = int(rows[0][0])
         self.salt = self.journal_id.to_bytes(8, "little")
 
+    def prefetch(self, from_seq: int) -> int:
+        """
+        Read every record ``>= from_seq`` now (on the calling thread) and
+        keep them, so that the next ``replay(from_seq)`` yields them without
+        touching the database: a promoted replica fetches its catch-up in a
+        pool thread and applies it on the reactor thread. Returns how many.
+        """
+        records = list(self.replay(from_seq))
+        self._prefetched = (from_seq, records, self.next_seq, self.last_time_ns)
+        return len(records)
+
     def replay(self, from_seq: int = 1, keep_through: int = 0) -> Iterator[rec.Record]:
         """
         Yield records ``>= from_seq`` decoded from their stored bytes.
         ``keep_through`` changes nothing here: a committed row is never a
         torn write, so every bad row is damage.
         """
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == from_seq:
+            _, records, self.next_seq, self.last_time_ns = prefetched
+            yield from records
+            self._replayed = True
+            return
         self._replayed = False
         p = self.param
         ((newest,),) = self._execute(f"SELECT max(seq) FROM {self.records_table}")
