@@ -220,6 +220,81 @@ def test_oversized_records_are_refused_before_they_are_written() -> None:
     assert journal.data == []
 
 
+def fresh_service(schema: Schema[Any] = SCHEMA) -> tuple[JournalService[Any], MemoryJournal]:
+    journal = MemoryJournal()
+    svc = JournalService(
+        schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
+        runner=sync_runner,
+    )
+    svc.startService()
+    return svc, journal
+
+
+def test_a_nan_field_runs_live_as_replay_decodes_it() -> None:
+    """
+    Containers find an object by identity before equality, and NaN is not
+    equal to itself: the live run must not hold the caller's very NaN.
+    """
+    nan_schema: Schema[dict[str, Any]] = Schema("nan", model=dict)
+    marker = float("nan")
+
+    @nan_schema.command("observe")
+    @dataclass
+    class Observe:
+        value: float
+
+        def execute(self, model: dict[str, Any], ctx: Context) -> Any:
+            seen = model.setdefault("seen", [marker])
+            model["hits"] = model.get("hits", 0) + (self.value in seen)
+            return model["hits"]
+
+    svc, journal = fresh_service(nan_schema)
+    for _ in range(3):
+        outcome(svc.execute(Observe(marker)))
+    live = dict(svc.model)
+    again = JournalService(
+        nan_schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
+        runner=sync_runner,
+    )
+    journal.close()
+    again.startService()
+    assert again.model["hits"] == live["hits"] == 0
+
+
+def test_a_big_command_does_not_pin_the_packers_buffer() -> None:
+    svc, _ = fresh_service()
+    engine = svc.engine
+    packer = engine._pack
+    outcome(svc.execute(Put("small", 1)))
+    assert engine._pack is packer  # reused
+    outcome(svc.execute(Put("big", b"x" * (2 << 20))))
+    assert engine._pack is not packer and engine._pack is not None  # replaced, buffer dropped
+    result = outcome(svc.execute(Put("bad", object())))
+    assert isinstance(result, Failure) and result.check(CommandEncodeError)
+    assert engine._pack is not None
+
+
+def test_an_empty_user_name_is_no_user_live_as_on_replay() -> None:
+    user_schema: Schema[dict[str, Any]] = Schema("users", model=dict)
+
+    @user_schema.command("who")
+    @dataclass
+    class Who:
+        def execute(self, model: dict[str, Any], ctx: Context) -> Any:
+            model.setdefault("users", []).append(ctx.user)
+            return ctx.user
+
+    svc, journal = fresh_service(user_schema)
+    assert outcome(svc.execute(Who(), "")) is None
+    journal.close()
+    again = JournalService(
+        user_schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
+        runner=sync_runner,
+    )
+    again.startService()
+    assert again.model["users"] == svc.model["users"] == [None]
+
+
 # -- record.decode_run ----------------------------------------------------------------------
 
 SALT = (0x1234_5678_9ABC_DEF0).to_bytes(8, "little")

@@ -57,6 +57,9 @@ assert _SEQ_TIME.size + _BODY_REST.size == rec.BODY_HEAD_SIZE
 #: A payload this long or shorter always fits, whatever the name (at most
 #: 255 bytes) and with no user: the size check can be skipped.
 _SMALL_PAYLOAD = rec.MAX_RECORD_SIZE - rec.BODY_HEAD_SIZE - 255
+#: After packing more than this, the engine's packer is replaced, so the
+#: buffer it grew for one big command is not kept for the service's life.
+_PACKER_KEEP = 1 << 20
 
 
 class Engine(Generic[M]):
@@ -100,8 +103,9 @@ class Engine(Generic[M]):
         self._batch: list[_Pending] = []
         self._parts: list[bytes] = []  # the framed records of _batch
         self._encode_live = schema.encode_live
-        # One packer for the reactor thread: msgpack.packb builds a new one per call.
-        self._pack = msgpack.Packer(use_bin_type=True).pack
+        # One packer for the reactor thread: msgpack.packb builds a new one
+        # per call. None while it is packing (see execute).
+        self._pack: Callable[[Any], bytes] | None = msgpack.Packer(use_bin_type=True).pack
         self._rests: dict[bytes, bytes] = {}  # body after seq+time, by command name
         self._salt_state = rec.salt_crc(self._salt)
         self._length_crc: dict[int, int] = {}
@@ -161,11 +165,22 @@ class Engine(Generic[M]):
         """
         if self._failed is not None or self._closed or self._pending >= self._max_pending:
             return fail(self._refusal("commands"))
+        if not user:
+            user = None  # the record cannot tell "" from no user: nor may the live run
+        pack = self._pack
+        self._pack = None  # a nested execute (from a field's own code) packs on its own
+        fresh = True
         try:
             # What runs live is what replay will decode from the very same
             # bytes: a caller mutating its object later, or a tuple that
             # comes back as a list, cannot make the two runs differ.
-            ctype, payload, live = self._encode_live(command, self._pack)
+            try:
+                ctype, payload, live = self._encode_live(command, pack)
+                fresh = len(payload) > _PACKER_KEEP
+            finally:
+                if pack is not None:
+                    # A Packer keeps its largest buffer: a big command must not pin it.
+                    self._pack = msgpack.Packer(use_bin_type=True).pack if fresh else pack
             name = ctype.name_bytes
             if user is None and len(payload) <= _SMALL_PAYLOAD:
                 rest = self._rests.get(name)
@@ -196,6 +211,8 @@ class Engine(Generic[M]):
         refused = self._refusal("query audit records")
         if refused is not None:
             return fail(refused)
+        if not user:
+            user = None
         try:
             user_bytes = _user_bytes(name_bytes, user, arguments, "the query's audit record")
         except InvalidArguments:

@@ -117,7 +117,8 @@ def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
 #: Types that MessagePack gives back unchanged (same type, equal value) and
 #: that cannot be mutated: a command whose fields are all of these decodes
 #: to exactly ``cls(**fields)``. Subclasses (an IntEnum, a str subclass) are
-#: not in it on purpose: they come back as the base type.
+#: not in it on purpose: they come back as the base type. A NaN float is
+#: decoded all the same (see :meth:`Schema.encode_live`).
 _EXACT_TYPES = frozenset((str, int, float, bool, bytes, type(None)))
 
 
@@ -352,7 +353,9 @@ class Schema(Generic[M]):
             raise _encode_error(ctype, e) from None
         exact = _EXACT_TYPES
         for value in fields.values():
-            if type(value) not in exact:
+            # NaN is not equal to itself, so containers find the caller's very
+            # object (identity comes first) but not a decoded copy: decode it.
+            if type(value) not in exact or value != value:
                 return ctype, payload, self.decode(ctype.name, ctype.version, payload)
         try:
             return ctype, payload, ctype.cls(**fields)
