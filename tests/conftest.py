@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, maybeDeferred
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +50,30 @@ def sync_runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
 @pytest.fixture
 def manual_runner() -> ManualRunner:
     return ManualRunner()
+
+
+# -- PostgreSQL journals and replicas (see pg_support) ---------------------------------
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A table prefix of its own on the test server; its tables are dropped afterwards."""
+    from pg_support import drop_tables, require_pg, sql, unique_prefix
+
+    require_pg()
+    name = unique_prefix()
+    yield name
+    drop_tables(name)
+    sql(f"DROP TABLE IF EXISTS {name}_snapshots")
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(prefix: str) -> AsyncIterator[Any]:
+    """Writers and replicas of one journal (``pg_support.Cluster``), all stopped afterwards."""
+    from pg_support import Cluster
+
+    c = Cluster(prefix)
+    yield c
+    for svc in reversed(c.services):
+        if svc.running:
+            await svc.stopService()

@@ -8,11 +8,20 @@ Each test gets its own table prefix, dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
+
+from examples.bank import bank
+from txjournal import JournalService
+from txjournal.journal.memory import MemorySnapshotStore
+from txjournal.journal.postgres import PostgresJournal
+from txjournal.replica import ReplicaService
 
 #: Override with ``TXJOURNAL_TEST_PG`` to test against another server.
 PG_DSN = os.environ.get(
@@ -49,3 +58,53 @@ def sql(query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description is not None else []
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty database for the duration; yields its ``postgresql://`` URL, dropped afterwards."""
+    require_pg()
+    database = f"{prefix}_{secrets.token_hex(5)}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    params = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+    params["dbname"] = database
+    try:
+        yield "postgresql://{user}@{host}:{port}/{dbname}".format(**params)
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+#: Replica tests put a password in the DSN to check it is never shown (trust auth ignores it).
+PASSWORD_DSN = PG_DSN + " password=s3cret-not-used"
+
+#: Seconds between a test replica's polls.
+POLL = 0.02
+
+
+class Cluster:
+    """Writers and replicas of the bank on one journal (tables ``prefix``), for the ``cluster`` fixture."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.services: list[Any] = []
+        self.snapshots = MemorySnapshotStore()
+
+    def writer(self, **journal_options: Any) -> JournalService[Any]:
+        svc: JournalService[Any] = JournalService(
+            bank, journal=PostgresJournal(PG_DSN, table_prefix=self.prefix, **journal_options),
+            snapshots=self.snapshots, snapshot_on_stop=False,
+        )
+        svc.startService()
+        self.services.append(svc)
+        return svc
+
+    def replica(self, **kw: Any) -> ReplicaService[Any]:
+        kw.setdefault("poll_interval", POLL)
+        rep: ReplicaService[Any] = ReplicaService(
+            bank, PASSWORD_DSN, table_prefix=self.prefix, **kw
+        )
+        rep.startService()
+        self.services.append(rep)
+        return rep

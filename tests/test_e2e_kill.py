@@ -37,24 +37,11 @@ async def test_kill_9_of_a_postgresql_writer_then_a_new_writer_loses_nothing(tmp
     the writer and starts a new one (a standby taking over, bumping the
     writer epoch); every acknowledged command must be in the database.
     """
-    import uuid
-
-    import psycopg
-    from pg_support import PG_DSN, require_pg
+    from pg_support import scratch_database
     from twisted.internet import reactor
 
-    require_pg()
-    database = f"txj_kill_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {database}")
-    params = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-    params["dbname"] = database
-    url = "postgresql://{user}@{host}:{port}/{dbname}".format(**params)
-    try:
+    with scratch_database("txj_kill") as url:
         report = await crash_demo.run(reactor, str(tmp_path), rounds=3, clients=20, seed=11, journal_url=url)
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     assert len(report) == 3
     for row in report:
         assert row["acknowledged_total"] <= row["journal_records"] <= row["sent_total"]
@@ -73,26 +60,14 @@ async def test_failover_under_load_loses_nothing_and_fences_the_old_writer(tmp_p
     and the old writer cannot restart while the new one lives.
     """
     import json
-    import uuid
 
-    import psycopg
-    from pg_support import PG_DSN, require_pg
+    from pg_support import scratch_database
     from twisted.internet import reactor
 
     from examples import failover_demo
 
-    require_pg()
-    database = f"txj_failover_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {database}")
-    params = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-    params["dbname"] = database
-    url = "postgresql://{user}@{host}:{port}/{dbname}".format(**params)
-    try:
+    with scratch_database("txj_failover") as url:
         report = await failover_demo.run(reactor, str(tmp_path), url, clients=20, seed=5)
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     print(json.dumps(report))
     first, second = report["round1"], report["round2"]
     assert first["acknowledged_before_kill"] <= first["journal_records_after_promotion"]

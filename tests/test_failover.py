@@ -6,22 +6,20 @@ PostgreSQL server (see ``pg_support``). No sleeps: waits are on Deferreds
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 import pytest_twisted
-from pg_support import PG_DSN, drop_tables, require_pg, sql, unique_prefix
+from pg_support import PG_DSN, Cluster, scratch_database, sql
 from twisted.internet import defer, reactor
 
-from examples.bank import Deposit, bank
-from txjournal import JournalService
+from examples.bank import Deposit
 from txjournal.errors import JournalWriteError, NotRunning, SnapshotError, WriterActive
-from txjournal.journal.memory import MemorySnapshotStore
 from txjournal.journal.postgres import PostgresJournal, lease_key
 from txjournal.journal.sql import Fenced
-from txjournal.replica import ReadOnlyReplica, ReplicaService
+from txjournal.replica import ReadOnlyReplica
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,48 +28,6 @@ WAIT = 20.0  # seconds any single wait may take before the test fails
 
 def within(d: defer.Deferred[Any], seconds: float = WAIT) -> defer.Deferred[Any]:
     return d.addTimeout(seconds, reactor)
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    require_pg()
-    name = unique_prefix()
-    yield name
-    drop_tables(name)
-
-
-class Cluster:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.services: list[Any] = []
-        self.snapshots = MemorySnapshotStore()
-
-    def journal(self, **kw: Any) -> PostgresJournal:
-        return PostgresJournal(PG_DSN, table_prefix=self.prefix, **kw)
-
-    def writer(self, **kw: Any) -> JournalService[Any]:
-        svc: JournalService[Any] = JournalService(
-            bank, journal=self.journal(**kw), snapshots=self.snapshots, snapshot_on_stop=False,
-        )
-        svc.startService()
-        self.services.append(svc)
-        return svc
-
-    def replica(self, **kw: Any) -> ReplicaService[Any]:
-        kw.setdefault("poll_interval", 0.05)
-        rep: ReplicaService[Any] = ReplicaService(bank, PG_DSN, table_prefix=self.prefix, **kw)
-        rep.startService()
-        self.services.append(rep)
-        return rep
-
-
-@pytest_twisted.async_yield_fixture
-async def cluster(prefix: str) -> AsyncIterator[Cluster]:
-    c = Cluster(prefix)
-    yield c
-    for svc in reversed(c.services):
-        if svc.running:
-            await svc.stopService()
 
 
 def epoch(prefix: str) -> int:
@@ -528,46 +484,40 @@ async def test_replicas_that_lose_the_auto_promotion_race_keep_following_at_once
 
 def test_take_over_ignores_writers_of_other_databases_on_the_same_server(prefix: str) -> None:
     """A copied database keeps the journal id (and so the lease key) of its original."""
-    import uuid
-
     from test_sql_journals import encoded
 
     original = PostgresJournal(PG_DSN, table_prefix=prefix)
     original.open()
     list(original.replay(1))
     original.append(encoded(original, 1, 1), 1, 1)
-    copy_db = f"txj_copy_{uuid.uuid4().hex[:8]}"
     try:
         # As a restored backup would be (CREATE DATABASE ... TEMPLATE needs
         # the template idle): the same tables and rows in another database.
-        sql(f"CREATE DATABASE {copy_db}")
-        copy_dsn = psycopg.conninfo.make_conninfo(PG_DSN, dbname=copy_db)
-        with psycopg.connect(PG_DSN, autocommit=True) as src, psycopg.connect(copy_dsn, autocommit=True) as dst:
-            ddl_records = (
-                f'CREATE TABLE {prefix}_records (seq bigint PRIMARY KEY, time_ns bigint NOT NULL, '
-                f'kind integer NOT NULL, name text NOT NULL, version integer NOT NULL, "user" text, '
-                f'fields jsonb, record bytea NOT NULL)'
-            )
-            dst.execute(ddl_records)
-            dst.execute(f"CREATE TABLE {prefix}_meta (key text PRIMARY KEY, value text NOT NULL)")
-            rows = src.execute(
-                f'SELECT seq, time_ns, kind, name, version, "user", fields::text, record FROM {prefix}_records'
-            ).fetchall()
-            for row in rows:
-                dst.execute(f"INSERT INTO {prefix}_records VALUES (%s,%s,%s,%s,%s,%s,%s::jsonb,%s)", row)
-            for row in src.execute(f"SELECT * FROM {prefix}_meta").fetchall():
-                dst.execute(f"INSERT INTO {prefix}_meta VALUES (%s,%s)", row)
-        clone = PostgresJournal(copy_dsn, table_prefix=prefix, take_over=True, lease_timeout=2)
-        clone.open()  # same journal id, same lease key, another database
-        assert clone.journal_id == original.journal_id
-        assert clone.lease_holders() == []
-        clone.close()
+        with scratch_database("txj_copy") as copy_url:
+            with psycopg.connect(PG_DSN, autocommit=True) as src, psycopg.connect(copy_url, autocommit=True) as dst:
+                dst.execute(
+                    f'CREATE TABLE {prefix}_records (seq bigint PRIMARY KEY, time_ns bigint NOT NULL, '
+                    f'kind integer NOT NULL, name text NOT NULL, version integer NOT NULL, "user" text, '
+                    f'fields jsonb, record bytea NOT NULL)'
+                )
+                dst.execute(f"CREATE TABLE {prefix}_meta (key text PRIMARY KEY, value text NOT NULL)")
+                rows = src.execute(
+                    f'SELECT seq, time_ns, kind, name, version, "user", fields::text, record FROM {prefix}_records'
+                ).fetchall()
+                for row in rows:
+                    dst.execute(f"INSERT INTO {prefix}_records VALUES (%s,%s,%s,%s,%s,%s,%s::jsonb,%s)", row)
+                for row in src.execute(f"SELECT * FROM {prefix}_meta").fetchall():
+                    dst.execute(f"INSERT INTO {prefix}_meta VALUES (%s,%s)", row)
+            clone = PostgresJournal(copy_url, table_prefix=prefix, take_over=True, lease_timeout=2)
+            clone.open()  # same journal id, same lease key, another database
+            assert clone.journal_id == original.journal_id
+            assert clone.lease_holders() == []
+            clone.close()
         # The original's writer was not touched.
         original.append(encoded(original, 2, 1), 2, 2)
         assert stored_seqs(prefix) == [1, 2]
     finally:
         original.close()
-        sql(f"DROP DATABASE IF EXISTS {copy_db} WITH (FORCE)")
 
 
 @pytest_twisted.ensureDeferred

@@ -8,69 +8,19 @@ each applied batch.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
-from pg_support import PG_DSN, drop_tables, require_pg, sql, unique_prefix
+from pg_support import PG_DSN, Cluster, sql
 
 from examples.bank import Deposit, InsufficientFunds, Transfer, Withdraw, bank
 from txjournal import JournalService
 from txjournal.errors import JournalCorrupt, RecoveryError
-from txjournal.journal.memory import MemorySnapshotStore
 from txjournal.journal.postgres import PostgresJournal
 from txjournal.replica import ReadOnlyReplica, ReplicaService
 
 pytestmark = pytest.mark.timeout(60)
-
-POLL = 0.02
-
-PASSWORD_DSN = PG_DSN + " password=s3cret-not-used"
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    require_pg()
-    name = unique_prefix()
-    yield name
-    drop_tables(name)
-    sql(f"DROP TABLE IF EXISTS {name}_snapshots")
-
-
-class Cluster:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.services: list[Any] = []
-        self.snapshots = MemorySnapshotStore()
-
-    def writer(self) -> JournalService[Any]:
-        svc: JournalService[Any] = JournalService(
-            bank, journal=PostgresJournal(PG_DSN, table_prefix=self.prefix),
-            snapshots=self.snapshots, snapshot_on_stop=False,
-        )
-        svc.startService()
-        self.services.append(svc)
-        return svc
-
-    def replica(self, **kw: Any) -> ReplicaService[Any]:
-        kw.setdefault("poll_interval", POLL)
-        rep: ReplicaService[Any] = ReplicaService(
-            bank, PASSWORD_DSN, table_prefix=self.prefix, **kw
-        )
-        rep.startService()
-        self.services.append(rep)
-        return rep
-
-
-@pytest_twisted.async_yield_fixture
-async def cluster(prefix: str) -> AsyncIterator[Cluster]:
-    c = Cluster(prefix)
-    yield c
-    for svc in reversed(c.services):
-        if svc.running:
-            await svc.stopService()
-
 
 async def history(writer: JournalService[Any]) -> None:
     await writer.execute(Deposit("alice", 100))
