@@ -94,23 +94,30 @@ class Server(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-async def start_server(
-    reactor: Any, workdir: str, port: int, journal_url: str | None = None
+def spawn_twistd(
+    reactor: Any, workdir: str, port: int, extra: list[str], name: str = "bank"
 ) -> Server:
+    """Start ``twistd -n journal`` serving the bank from ``workdir/name`` (not waiting for it)."""
     server = Server()
     args = [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
         "-n", "--pidfile", "", "--logfile", "-",
         "journal", "--app", "examples.bank:bank",
-        "--datadir", os.path.join(workdir, "bank"),
+        "--datadir", os.path.join(workdir, name),
         "--users", os.path.join(workdir, "users"),
         "--pb", f"tcp:{port}:interface=127.0.0.1",
-        "--snapshot-interval", "0.5",
+        *extra,
     ]
-    if journal_url:
-        args += ["--journal", journal_url]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     reactor.spawnProcess(server, sys.executable, args, env=env, path=ROOT)
+    return server
+
+
+async def start_server(
+    reactor: Any, workdir: str, port: int, journal_url: str | None = None
+) -> Server:
+    extra = ["--snapshot-interval", "0.5"] + (["--journal", journal_url] if journal_url else [])
+    server = spawn_twistd(reactor, workdir, port, extra)
     await server.wait_for("ready:")
     return server
 

@@ -58,27 +58,16 @@ from examples.crash_demo import (  # noqa: E402
     login,
     read_journal,
     replay_model,
+    spawn_twistd,
 )
 from txjournal.users import add_user  # noqa: E402
 
 ADMIN_PASSWORD = "failover-demo-admin"
 
 
-async def start_twistd(reactor: Any, workdir: str, name: str, port: int, extra: list[str], ready: str = "ready:") -> Server:
-    server = Server()
-    args = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "-n", "--pidfile", "", "--logfile", "-",
-        "journal", "--app", "examples.bank:bank",
-        "--datadir", os.path.join(workdir, name),
-        "--users", os.path.join(workdir, "users"),
-        "--pb", f"tcp:{port}:interface=127.0.0.1",
-        "--snapshot-interval", "0.5",
-        *extra,
-    ]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    reactor.spawnProcess(server, sys.executable, args, env=env, path=ROOT)
-    await server.wait_for(ready)
+async def start_twistd(reactor: Any, workdir: str, name: str, port: int, extra: list[str]) -> Server:
+    server = spawn_twistd(reactor, workdir, port, ["--snapshot-interval", "0.5", *extra], name=name)
+    await server.wait_for("ready:")
     return server
 
 
@@ -219,15 +208,7 @@ async def run(reactor: Any, workdir: str, journal_url: str, clients: int = 20, s
     assert replica.transport is not None
     replica.transport.signalProcess("KILL")
     await replica.ended
-    comeback = Server()
-    args = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "-n", "--pidfile", "", "--logfile", "-", "journal", "--app", "examples.bank:bank",
-        "--datadir", os.path.join(workdir, "writer"), "--users", users,
-        "--pb", f"tcp:{free_port()}:interface=127.0.0.1", "--journal", journal_url, *common,
-    ]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    reactor.spawnProcess(comeback, sys.executable, args, env=env, path=ROOT)
+    comeback = spawn_twistd(reactor, workdir, free_port(), ["--journal", journal_url, *common], name="writer")
     await comeback.ended
     text = "\n".join(comeback.lines)
     assert "another writer holds the lease" in text, text[-2000:]
