@@ -77,7 +77,7 @@ from txjournal.errors import (
     UnknownCommand,
 )
 from txjournal.interfaces import IJournalService, ISnapshotSerializer, ISnapshotStore
-from txjournal.journal.postgres import PostgresJournal, pg_connect
+from txjournal.journal.postgres import PostgresJournal, pg_connect, read_only_session
 from txjournal.readiness import Readiness
 from txjournal.schema import Context, Schema
 from txjournal.service import JournalService, load_newest_snapshot
@@ -208,14 +208,7 @@ class ReplicaJournal(PostgresJournal):
             raise NotRunning(f"the replica's connection to {self.location} was closed")
         conn = pg_connect(self._dsn)
         try:
-            conn.execute("SET default_transaction_read_only = on")
-            row = conn.execute(
-                "SELECT to_regclass(%s), to_regclass(%s)", (self.records_table, self.meta_table)
-            ).fetchone()
-            missing = [
-                name for name, found in zip((self.records_table, self.meta_table), row or (None, None))
-                if found is None
-            ]
+            missing = read_only_session(conn, (self.records_table, self.meta_table))
             if missing:
                 raise RecoveryError(
                     f"no journal to follow at {self.location}: table(s) {', '.join(missing)} "

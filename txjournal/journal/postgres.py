@@ -119,6 +119,18 @@ def pg_connect(dsn: str, **settings: str) -> psycopg.Connection[Any]:
     return psycopg.connect(make_conninfo(dsn, **extra), autocommit=True)
 
 
+def read_only_session(conn: psycopg.Connection[Any], tables: Sequence[str]) -> list[str]:
+    """
+    Make every later transaction of ``conn`` read-only (so even a bug
+    cannot write through it) and return which of ``tables`` do not exist:
+    readers (replicas, the tools) never create tables.
+    """
+    conn.execute("SET default_transaction_read_only = on")
+    marks = ", ".join("to_regclass(%s)" for _ in tables)
+    row = conn.execute(f"SELECT {marks}", tuple(tables)).fetchone() or (None,) * len(tables)
+    return [table for table, found in zip(tables, row) if found is None]
+
+
 def redact(dsn: str) -> str:
     """``dsn`` without its password, for messages and logs."""
     params = conninfo_to_dict(dsn)

@@ -116,6 +116,8 @@ def postgres_readonly(
     """
     import psycopg
 
+    from txjournal.journal.postgres import read_only_session
+
     try:
         conn = psycopg.connect(
             dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
@@ -124,13 +126,10 @@ def postgres_readonly(
     except psycopg.Error as e:
         raise SourceError(f"cannot connect to {location}: {str(e).strip()}") from None
     try:
-        conn.execute("SET default_transaction_read_only = on")
-        marks = ", ".join("to_regclass(%s)" for _ in tables)
-        row = conn.execute(f"SELECT {marks}", tuple(tables)).fetchone() or ()
+        missing = read_only_session(conn, tables)
     except psycopg.Error as e:
         conn.close()
         raise SourceError(f"cannot read {location}: {str(e).strip()}") from None
-    missing = [t for t, found in zip(tables, row) if found is None]
     if missing:
         conn.close()
         raise _missing(what)(
