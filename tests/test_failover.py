@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor
 
 from examples.bank import Deposit
 from txjournal.errors import JournalWriteError, NotRunning, SnapshotError, WriterActive
-from txjournal.journal.postgres import PostgresJournal, lease_key
+from txjournal.journal.postgres import PostgresJournal, lease_holders_sql, lease_key
 from txjournal.journal.sql import Fenced
 from txjournal.replica import ReadOnlyReplica
 
@@ -91,15 +91,7 @@ def test_a_fenced_writer_lets_its_lease_go(prefix: str) -> None:
     with pytest.raises(Fenced, match="epoch 999"):
         old.append(encoded(old, 1, 3), 1, 3)
     assert stored_seqs(prefix) == []
-    assert sql(sql_holders(old)) == []
-
-
-def sql_holders(journal: PostgresJournal) -> str:
-    key = lease_key(journal.journal_id) & 0xFFFFFFFFFFFFFFFF
-    return (
-        f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        f"AND classid::bigint = {key >> 32} AND objid::bigint = {key & 0xFFFFFFFF}"
-    )
+    assert sql(*lease_holders_sql(lease_key(old.journal_id))) == []
 
 
 def test_each_append_notifies_with_its_last_sequence_number(prefix: str) -> None:

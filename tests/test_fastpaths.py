@@ -119,6 +119,16 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def start(journal: MemoryJournal, schema: Schema[Any] = SCHEMA) -> JournalService[Any]:
+    """A started service on ``journal`` whose writes happen at once, on a test clock."""
+    svc: JournalService[Any] = JournalService(
+        schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
+        runner=sync_runner,
+    )
+    svc.startService()
+    return svc
+
+
 def outcome(d: Deferred[Any]) -> Any:
     box: list[Any] = []
     d.addBoth(box.append)
@@ -176,11 +186,7 @@ def test_fields_getter_handles_any_field_name() -> None:
 
 def test_engine_frames_records_as_encode_record_does() -> None:
     journal = MemoryJournal()
-    svc = JournalService(
-        SCHEMA, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
-    svc.startService()
+    svc = start(journal)
     commands: list[tuple[Any, str | None]] = [
         (Put("a", 1), None), (Put("a", [1, (2, 3)]), "alice"), (Put("é" * 300, b"x" * 70000), None),
         (Checked(1), "bob"), (Put(1, None), "ü" * 100), (Put("a", 1), ""),
@@ -208,11 +214,7 @@ def test_engine_frames_records_as_encode_record_does() -> None:
 
 def test_oversized_records_are_refused_before_they_are_written() -> None:
     journal = MemoryJournal()
-    svc = JournalService(
-        SCHEMA, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
-    svc.startService()
+    svc = start(journal)
     big = b"x" * (rec.MAX_RECORD_SIZE - rec.BODY_HEAD_SIZE - len(b"put") - 10)
     for user in (None, "someone with a long name"):
         result = outcome(svc.execute(Put("k", big), user))
@@ -222,12 +224,7 @@ def test_oversized_records_are_refused_before_they_are_written() -> None:
 
 def fresh_service(schema: Schema[Any] = SCHEMA) -> tuple[JournalService[Any], MemoryJournal]:
     journal = MemoryJournal()
-    svc = JournalService(
-        schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
-    svc.startService()
-    return svc, journal
+    return start(journal, schema), journal
 
 
 def test_a_nan_field_runs_live_as_replay_decodes_it() -> None:
@@ -252,12 +249,8 @@ def test_a_nan_field_runs_live_as_replay_decodes_it() -> None:
     for _ in range(3):
         outcome(svc.execute(Observe(marker)))
     live = dict(svc.model)
-    again = JournalService(
-        nan_schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
     journal.close()
-    again.startService()
+    again = start(journal, nan_schema)
     assert again.model["hits"] == live["hits"] == 0
 
 
@@ -287,11 +280,7 @@ def test_an_empty_user_name_is_no_user_live_as_on_replay() -> None:
     svc, journal = fresh_service(user_schema)
     assert outcome(svc.execute(Who(), "")) is None
     journal.close()
-    again = JournalService(
-        user_schema, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
-    again.startService()
+    again = start(journal, user_schema)
     assert again.model["users"] == svc.model["users"] == [None]
 
 
@@ -429,15 +418,6 @@ def replay_journal(*entries: tuple[bytes, int, bytes]) -> MemoryJournal:
         journal.data.append(rec.encode_record(journal.salt, seq, seq, name, version, fields))
     journal.next_seq = len(entries) + 1
     return journal
-
-
-def start(journal: MemoryJournal) -> JournalService[Any]:
-    svc = JournalService(
-        SCHEMA, journal=journal, snapshots=MemorySnapshotStore(), reactor=Clock(),
-        runner=sync_runner,
-    )
-    svc.startService()
-    return svc
 
 
 def test_replay_decodes_upgrades_and_skips_retired() -> None:
