@@ -560,3 +560,46 @@ async def test_promotion_fetches_its_catch_up_off_the_reactor_thread(
     assert replica.model.accounts == {"alice": 31}
     assert not [q for q in queries_on_reactor if "_records" in q], queries_on_reactor
     assert await replica.execute(Deposit("alice", 1)) == 32
+
+
+def test_a_take_over_not_permitted_to_end_the_writers_session_fences_it_and_says_so(
+    prefix: str,
+) -> None:
+    """
+    pg_terminate_backend raises (not returns false) for a role that may not
+    end the writer's session: the take-over has fenced the writer already,
+    waits for the lease, and says what happened; the fenced writer lets the
+    lease go at its next batch, and then the take-over succeeds.
+    """
+    import secrets
+
+    from test_sql_journals import encoded
+
+    from txjournal.journal.sql import Fenced
+
+    writer = PostgresJournal(PG_DSN, table_prefix=prefix)  # a superuser's session
+    writer.open()
+    list(writer.replay(1))
+    writer.append(encoded(writer, 1, 1), 1, 1)
+    role = f"txj_plain_{secrets.token_hex(4)}"
+    sql(f"CREATE ROLE {role} LOGIN")
+    try:
+        sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {prefix}_records, {prefix}_meta TO {role}")
+        sql(f"GRANT CREATE ON SCHEMA public TO {role}")  # the writer's CREATE TABLE IF NOT EXISTS
+        plain_dsn = psycopg.conninfo.make_conninfo(PG_DSN, user=role)
+        taking = PostgresJournal(plain_dsn, table_prefix=prefix, take_over=True, lease_timeout=0.5)
+        with pytest.raises(WriterActive, match="it is fenced already"):
+            taking.open()
+        taking.close()
+        with pytest.raises(Fenced):  # its next batch, which frees the lease
+            writer.append(encoded(writer, 2, 1), 2, 2)
+        taking = PostgresJournal(plain_dsn, table_prefix=prefix, take_over=True, lease_timeout=5)
+        taking.open()
+        assert [r.seq for r in taking.replay(1)] == [1]
+        taking.append(encoded(taking, 2, 1), 2, 2)
+        taking.close()
+        assert stored_seqs(prefix) == [1, 2]
+    finally:
+        writer.close()
+        sql(f"DROP OWNED BY {role}")
+        sql(f"DROP ROLE {role}")

@@ -231,12 +231,17 @@ class PostgresJournal(SQLJournal):
 
     def _terminate_holders(self, key: int) -> None:
         for pid, app, addr, _ in self.lease_holders():
-            rows = self._execute("SELECT pg_terminate_backend(%s)", (pid,))
+            try:
+                rows = self._execute("SELECT pg_terminate_backend(%s)", (pid,))
+                done = "done" if rows and rows[0][0] else "it had gone already"
+            except pg_errors.InsufficientPrivilege as e:
+                # Fenced all the same (the epoch moved): its next batch fails,
+                # and it frees the lease then.
+                done = f"not permitted ({str(e).strip()}); waiting for it to go"
             self.log.warn(
-                "Taking over {where}: terminated the session of the previous writer "
+                "Taking over {where}: ending the session of the previous writer "
                 "(server pid {pid}, {app} from {addr}): {done}",
-                where=self.where, pid=pid, app=app or "?", addr=addr,
-                done="done" if rows and rows[0][0] else "not permitted; waiting for it to go",
+                where=self.where, pid=pid, app=app or "?", addr=addr, done=done,
             )
 
     def _acquire_lease(self, key: int) -> None:
@@ -250,10 +255,14 @@ class PostgresJournal(SQLJournal):
                 f"server pid {pid} ({app or 'no application_name'} from {addr}, since {start})"
                 for pid, app, addr, start in holders
             ) or "a session that has just gone"
-            raise WriterActive(
-                f"another writer holds the lease on {self.where}: {who}; stop it, or take "
-                f"over with --take-over (which fences it)"
-            ) from None
+            if self.take_over:
+                advice = (
+                    "it is fenced already (the writer epoch moved), so it will fail its next "
+                    "batch and let the lease go; try again then, or stop it"
+                )
+            else:
+                advice = "stop it, or take over with --take-over (which fences it)"
+            raise WriterActive(f"another writer holds the lease on {self.where}: {who}; {advice}") from None
         finally:
             if not conn.broken:  # else the error above is the one to report
                 conn.execute("RESET lock_timeout")

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from txjournal.errors import SnapshotError
 from txjournal.interfaces import ISnapshotStore
-from txjournal.journal.postgres import redact
+from txjournal.journal.postgres import pg_connect, redact
 from txjournal.snapshot.sqlite import SQLSnapshotStore
 
 #: The largest payload a ``bytea`` column takes is 1 GiB less a little
@@ -66,7 +66,7 @@ class PostgresSnapshotStore(SQLSnapshotStore):
         self._conn = None
         if conn is not None:
             conn.close()
-        conn = psycopg.connect(self._dsn, autocommit=True)
+        conn = pg_connect(self._dsn)  # timeouts and keepalives: a dead server cannot hang it
         try:
             row = conn.execute("SHOW synchronous_commit").fetchone()
             if row and row[0] == "off":
