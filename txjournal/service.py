@@ -10,6 +10,7 @@ after this one (a PB listener) never see a half-built model.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from typing import Any, Generic, TypeVar
@@ -82,6 +83,26 @@ class JournalService(Service, Generic[M]):
         history lets new code rebuild its model from scratch.
     :param max_pending: how many commands may wait for the disk before
         ``execute`` fails with :class:`~txjournal.errors.JournalOverloaded`.
+    :param inline_commit: under light load, write and sync a small batch on
+        the reactor thread instead of handing it to the writer thread (file
+        journal only): a lone caller's latency drops to about that of the
+        sync itself, two thread wake-ups less, for a reactor stall of one
+        sync. A sync slower than 20 ms turns it off for 10 s. ``False``
+        keeps every sync off the reactor thread.
+    :param tune_gc: tune CPython's cyclic garbage collector for a
+        prevalent model, once start-up has loaded it (process-wide: the
+        collector has no per-object settings). Every object alive then is
+        :func:`frozen <gc.freeze>`, after one collection, so that full
+        passes, which walk every tracked object and stall the reactor about
+        a second per few million, leave the model out; and the first
+        generation's threshold is raised to 50,000 allocations (from 700),
+        because under load each command's objects wait for the disk across
+        so many allocations that the default promotes nearly all of them
+        and triggers a full pass every few thousand commands (measured:
+        15% of the CPU at 1,000 callers, 1% with this). Frozen objects are
+        still freed by reference counting; only reference *cycles* among
+        them that become garbage are not reclaimed (``gc.unfreeze()`` and
+        ``gc.collect()`` at a quiet time do, or pass ``False``).
     :param journal: a journal backend to use instead of the file journal
         under ``datadir``.
     :param snapshots: a snapshot store to use instead of files under
@@ -109,6 +130,8 @@ class JournalService(Service, Generic[M]):
         snapshot_fork: bool = True,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        inline_commit: bool = True,
+        tune_gc: bool = True,
         serializer: ISnapshotSerializer | None = None,
         journal: IJournal | None = None,
         snapshots: ISnapshotStore | None = None,
@@ -131,6 +154,8 @@ class JournalService(Service, Generic[M]):
         self.snapshot_fork = snapshot_fork
         self.segment_size = segment_size
         self.max_pending = max_pending
+        self.inline_commit = inline_commit
+        self.tune_gc = tune_gc
         self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
         self._journal_given = journal
         self._snapshots_given = snapshots
@@ -222,6 +247,8 @@ class JournalService(Service, Generic[M]):
                 f"more{'' if newest == snap_seq else ' and cannot be loaded'}: records are "
                 f"missing; see the warnings above and run 'python -m txjournal verify'"
             )
+        if self.tune_gc:
+            _tune_gc(self.log)
         runner = self._runner_given
         if runner is None:
             runner = self._start_thread("txjournal-writer")
@@ -229,10 +256,20 @@ class JournalService(Service, Generic[M]):
         else:
             self._snapshot_runner = runner
         self._writer_runner = runner
+        inline: dict[str, Any] = {}
+        if self.inline_commit and isinstance(runner, WriterThread) and isinstance(journal, FileJournal):
+            # Only a local file, only when nothing of the journal's runs on
+            # the writer thread (see Engine, inline commit), and not while a
+            # snapshot is being written: the disk is busy and syncs slow.
+            writer, quick, snapshotting = runner, journal.append_is_quick, self._snapshot_lock
+            inline = {
+                "call_soon": lambda f: reactor.callLater(0, f),
+                "inline_ready": lambda: writer.idle and not snapshotting.locked and quick(),
+            }
         self._engine = Engine(
             self.schema, journal, model, runner, reactor.seconds,
             next_seq=journal.next_seq, last_time_ns=last_time_ns,
-            max_pending=self.max_pending,
+            max_pending=self.max_pending, **inline,
         )
         if self.snapshot_interval:
             loop = LoopingCall(self._scheduled_snapshot)
@@ -584,6 +621,26 @@ class JournalService(Service, Generic[M]):
             return Failure(SnapshotError(f"writing the snapshot at {seq} failed: {f.value}"))
 
         return runner(write).addCallbacks(saved, failed)
+
+
+#: The first generation's collection threshold set by ``tune_gc``.
+GC_THRESHOLD0 = 50_000
+
+
+def _tune_gc(log: Logger) -> None:
+    """See :class:`JournalService`'s ``tune_gc``."""
+    started = time.monotonic()
+    gc.collect()
+    gc.freeze()
+    threshold0, threshold1, threshold2 = gc.get_threshold()
+    if 0 < threshold0 < GC_THRESHOLD0:
+        gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
+    log.info(
+        "Garbage collector tuned for a long-lived model: {count} objects frozen in "
+        "{took:.3f}s, first-generation threshold {threshold}",
+        count=gc.get_freeze_count(), took=time.monotonic() - started,
+        threshold=gc.get_threshold()[0],
+    )
 
 
 def load_newest_snapshot(

@@ -230,6 +230,8 @@ class Options(usage.Options):
     optFlags = [
         ["no-pb", None, "Do not listen for PB clients (the journal only)."],
         ["no-snapshot-on-stop", None, "Do not write a snapshot on a clean shutdown."],
+        ["no-inline-commit", None, "Never sync the journal on the reactor thread, even under light load (costs a lone caller two thread wake-ups per command)."],
+        ["no-tune-gc", None, "Leave the garbage collector's settings alone (by default the loaded model is frozen out of its full passes and its first threshold raised)."],
         ["take-over", None, "With a PostgreSQL --journal: if another writer is alive, fence it and end its session instead of refusing to start."],
         ["auto-promote", None, "With --replica-of: become the writer when no writer has held the journal's lease for --promote-grace seconds."],
         [
@@ -368,6 +370,8 @@ def makeService(options: Options) -> MultiService:
             snapshot_on_stop=not options["no-snapshot-on-stop"],
             keep_snapshots=options["keep-snapshots"],
             segment_size=options["segment-size"],
+            inline_commit=not options["no-inline-commit"],
+            tune_gc=not options["no-tune-gc"],
         )
     journal.setName("journal")
     journal.setServiceParent(top)

@@ -60,6 +60,20 @@ class WriterThread:
         self._calls: deque[Any] = deque()
         self._wakeup: _Wakeup | None = None
         self._thread: threading.Thread | None = None
+        self._outstanding = 0  # calls made whose outcome has not reached the reactor
+
+    @property
+    def idle(self) -> bool:
+        """
+        Whether every call made has finished and reported back. Read on the
+        reactor thread, which alone makes calls: while it is busy the thread
+        cannot become busy, so an idle thread stays idle until the next call.
+        """
+        return self._outstanding == 0
+
+    def _settled(self, result: Any) -> Any:
+        self._outstanding -= 1
+        return result
 
     def start(self) -> None:
         # Daemonic so that an application that never stops the service cannot
@@ -74,6 +88,8 @@ class WriterThread:
     def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run ``f(*args)`` on the thread; a Deferred of its outcome."""
         d: Deferred[Any] = Deferred()
+        self._outstanding += 1
+        d.addBoth(self._settled)
         self._calls.append((f, args, d))
         wakeup = self._wakeup
         if wakeup is not None:  # else it runs once the thread is started

@@ -309,6 +309,14 @@ class FileJournal:
         self._size += len(data)
         self.next_seq = last_seq + 1
 
+    def append_is_quick(self) -> bool:
+        """
+        Whether the next :meth:`append` only writes (and syncs) the open
+        segment, with no segment to create: the engine may then run it on
+        the reactor thread (inline commit) without risking a longer stall.
+        """
+        return self._fd is not None and self._size < self.segment_size
+
     def _open_for_append(self, first_seq: int) -> None:
         fs = self._fs
         if self._fd is None and self._tail_path is not None and self._size < self.segment_size:
