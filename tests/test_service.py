@@ -559,3 +559,52 @@ def test_records_of_an_unknown_kind_stop_replay() -> None:
     journal.next_seq = 3
     with pytest.raises(RecoveryError, match="record 2 .* kind 9, unknown to this version"):
         make(journal)
+
+
+@pytest.fixture
+def gc_settings() -> Any:
+    """Put the process's garbage-collector settings back after the test."""
+    import gc
+
+    threshold = gc.get_threshold()
+    yield
+    gc.set_threshold(*threshold)
+
+
+def test_tune_gc_freezes_the_loaded_model_and_raises_the_first_threshold(gc_settings: Any) -> None:
+    import gc
+
+    from txjournal.service import GC_THRESHOLD0
+
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    svc = make()
+    assert gc.get_threshold() == (GC_THRESHOLD0, 10, 10)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    # The model is among the frozen objects: full passes leave it out.
+    gc.collect()
+    assert all(svc.model is not o for o in gc.get_objects(2))
+    svc.stopService()
+
+
+def test_tune_gc_off_leaves_the_collector_alone(gc_settings: Any) -> None:
+    import gc
+
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    svc = make(tune_gc=False)
+    assert gc.get_threshold() == (700, 10, 10)
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert any(svc.model is o for o in gc.get_objects(2))
+    svc.stopService()
+
+
+def test_tune_gc_keeps_a_higher_or_disabled_threshold(gc_settings: Any) -> None:
+    import gc
+
+    for threshold in ((100_000, 5, 5), (0, 10, 10)):
+        gc.set_threshold(*threshold)
+        make().stopService()
+        assert gc.get_threshold() == threshold
