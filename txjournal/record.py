@@ -14,10 +14,17 @@ short, a segment is a 32-byte header followed by records::
 segment's salt under the checksum means bytes left over from another journal
 (a reused or preallocated file) never verify; putting the sequence number
 under it means a stale record can never pass for a later one.
+
+:func:`decode_run` and :func:`frame_record`, the per-record hot paths of
+replay and of the engine, are the C versions from ``txjournal._speedups``
+when that extension imports and ``TXJOURNAL_PURE_PYTHON`` is not set (see
+:data:`SPEEDUPS`); ``_py_decode_run`` and ``_py_frame_record`` here are the
+pure-Python reference they must agree with, and the fallback.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -257,7 +264,7 @@ def decode_fast(
 RecordTuple = tuple[int, int, str, int, int, "str | None", bytes]
 
 
-def decode_run(
+def _py_decode_run(
     buf: bytes,
     offset: int,
     end: int,
@@ -329,6 +336,28 @@ def decode_run(
     return records, offset
 
 
+_SEQ_TIME = struct.Struct("<Qq")  # the start of a record body: seq, time_ns
+
+
+def _py_frame_record(
+    seq: int, time_ns: int, rest: bytes, payload: bytes, salt_state: int
+) -> bytes:
+    """
+    Frame one record whose body is ``seq``, ``time_ns``, then ``rest`` (the
+    rest of the body head, name and user) and ``payload``: the engine's hot
+    path. The engine keeps ``rest`` per command name, so per command only
+    the sequence number, the time and the payload are new. ``salt_state``
+    comes from :func:`salt_crc`.
+
+    With ``rest = struct.pack("<HBBB", version, kind, len(name), len(user))
+    + name + user`` this is exactly :func:`encode_record`'s output.
+    """
+    body = _SEQ_TIME.pack(seq, time_ns) + rest + payload
+    length = len(body)
+    c = crc32c(body, crc32c(_LENGTH.pack(length), salt_state))
+    return _PREFIX.pack(length, (((c * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF) + body
+
+
 def find_valid_record(
     buf: bytes | memoryview, start: int, salt: bytes, after_seq: int
 ) -> int | None:
@@ -365,3 +394,23 @@ def iter_records(
         record, nxt = decode_at(buf, offset, salt)
         yield offset, record
         offset = nxt
+
+
+# -- C speedups --------------------------------------------------------------------------
+
+#: Whether :func:`decode_run` and :func:`frame_record` are the C versions from
+#: ``txjournal._speedups``. They are unless the extension is missing (built
+#: without a compiler) or the environment variable ``TXJOURNAL_PURE_PYTHON``
+#: asks for the reference code here, which is how the tests run both.
+SPEEDUPS = False
+decode_run = _py_decode_run
+frame_record = _py_frame_record
+if not os.environ.get("TXJOURNAL_PURE_PYTHON"):
+    try:
+        from txjournal import _speedups
+    except ImportError:
+        pass
+    else:
+        decode_run = _speedups.decode_run
+        frame_record = _speedups.frame_record
+        SPEEDUPS = True
