@@ -9,7 +9,7 @@ PB ?= tcp:8789:interface=127.0.0.1
 
 .PHONY: venv run test lint bench clean
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+$(BIN)/.installed: setup.cfg setup.py pyproject.toml txjournal/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# compat mode puts the checkout itself on sys.path, which is what lets
@@ -27,6 +27,8 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest
+	# The pure-Python fallbacks of the C speedups, against the same tests.
+	TXJOURNAL_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_record.py tests/test_fastpaths.py tests/test_speedups.py tests/test_engine.py tests/test_journal_file.py
 
 lint: venv
 	$(BIN)/ruff check txjournal tests examples twisted bench

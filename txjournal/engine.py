@@ -137,6 +137,10 @@ class Engine(Generic[M]):
         self._rests: dict[bytes, bytes] = {}  # body after seq+time, by command name
         self._salt_state = rec.salt_crc(self._salt)
         self._length_crc: dict[int, int] = {}
+        # Sequence, time and checksum of each record: in C where built.
+        self._frame: Callable[[int, int, bytes, bytes, int], bytes] = (
+            rec.frame_record if rec.SPEEDUPS else self._frame_cached
+        )
         self._pending = 0  # accepted, not yet applied or failed
         self._flushing = False
         self._durable: deque[list[_Pending]] = deque()
@@ -288,8 +292,8 @@ class Engine(Generic[M]):
     ) -> Deferred[Any]:
         """
         Sequence and frame one record (see :mod:`txjournal.record`; this is
-        :func:`~txjournal.record.encode_record` with the checksum state of
-        salt and length cached) and queue it for the next flush.
+        :func:`~txjournal.record.encode_record` with the name's part of the
+        body prepared once) and queue it for the next flush.
         ``rest`` is the body after ``seq, time_ns``: version, kind, the two
         lengths, name and user.
         """
@@ -299,18 +303,7 @@ class Engine(Generic[M]):
         if time_ns < self._last_time_ns:
             time_ns = self._last_time_ns
         self._last_time_ns = time_ns
-        body = _SEQ_TIME.pack(seq, time_ns) + rest + payload
-        length = len(body)
-        state = self._length_crc.get(length)
-        if state is None:
-            state = self._length_state(length)
-        c = crc32c(body, state)
-        self._parts.append(
-            _PREFIX.pack(
-                length, (((c * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF  # rec.mask(c)
-            )
-            + body
-        )
+        self._parts.append(self._frame(seq, time_ns, rest, payload, self._salt_state))
         d: Deferred[Any] = Deferred()
         self._batch.append((command, seq, time_ns, user, d))
         self._pending += 1
@@ -337,6 +330,27 @@ class Engine(Generic[M]):
             self._call_soon(self._commit_soon)
         else:
             self._flush()
+
+    def _frame_cached(
+        self, seq: int, time_ns: int, rest: bytes, payload: bytes, salt_state: int
+    ) -> bytes:
+        """
+        :func:`~txjournal.record.frame_record` in Python, with the checksum
+        state after salt and length cached by length: for when the C
+        version is not in use.
+        """
+        body = _SEQ_TIME.pack(seq, time_ns) + rest + payload
+        length = len(body)
+        state = self._length_crc.get(length)
+        if state is None:
+            state = self._length_state(length)
+        c = crc32c(body, state)
+        return (
+            _PREFIX.pack(
+                length, (((c * 0x100000001) >> 15) + _MASK_DELTA) & 0xFFFFFFFF  # rec.mask(c)
+            )
+            + body
+        )
 
     def _length_state(self, length: int) -> int:
         """The CRC-32C state after ``salt | length``, cached by length."""
