@@ -28,7 +28,7 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest
 	# The pure-Python fallbacks of the C speedups, against the same tests.
-	TXJOURNAL_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_record.py tests/test_fastpaths.py tests/test_speedups.py tests/test_engine.py tests/test_journal_file.py
+	TXJOURNAL_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_record.py tests/test_fastpaths.py tests/test_speedups.py tests/test_replaying.py tests/test_engine.py tests/test_service.py tests/test_journal_file.py
 
 lint: venv
 	$(BIN)/ruff check txjournal tests examples twisted bench

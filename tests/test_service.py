@@ -608,3 +608,35 @@ def test_tune_gc_keeps_a_higher_or_disabled_threshold(gc_settings: Any) -> None:
         gc.set_threshold(*threshold)
         make().stopService()
         assert gc.get_threshold() == threshold
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_replay_logs_each_command_that_raises_as_it_did_live(
+    pure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import txjournal.replaying
+    import txjournal.service
+    from twisted.logger import Logger
+
+    if pure:
+        monkeypatch.setattr(txjournal.service, "apply_run", txjournal.replaying._py_apply_run)
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, snapshot_on_stop=False)
+    outcome(svc.execute(Deposit("alice", 10)))
+    outcome(svc.execute(Withdraw("alice", 50)))  # InsufficientFunds, journaled
+    outcome(svc.execute(Withdraw("bob", 1)))  # UnknownAccount
+    outcome(svc.stopService())
+    events: list[dict[str, Any]] = []
+    again = JournalService(
+        bank, journal=journal, snapshots=store, reactor=Clock(), runner=sync_runner
+    )
+    again.log = Logger(observer=events.append)  # type: ignore[misc]
+    again.startService()
+    raised = [
+        (e["seq"], e["name"], type(e["error"]))
+        for e in events
+        if "error" in e and "as it did live" in e["log_format"]
+    ]
+    assert raised == [(2, "withdraw", InsufficientFunds), (3, "withdraw", UnknownAccount)]
+    assert again.query("accounts") == {"alice": 10}
+    outcome(again.stopService())

@@ -685,6 +685,202 @@ speedups_crc32c_portable(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------
+ * apply_run: replay's inner loop (see txjournal/replaying.py, whose
+ * _py_apply_run is the reference this must agree with).
+ */
+
+static PyObject *str_execute;   /* "execute", interned */
+static PyObject *empty_tuple;
+
+PyDoc_STRVAR(apply_run_doc,
+"apply_run(records, start, plan, context, journal_id, model, unpackb)\n"
+"--\n"
+"\n"
+"Apply ``records[start:]`` in order while each is a plain case; return the\n"
+"index of the first one that is not and the list of ``(seq, name,\n"
+"exception)`` the commands applied raised, or ``None``. See\n"
+":func:`txjournal.replaying._py_apply_run`.");
+
+static PyObject *
+speedups_apply_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "apply_run() takes 7 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *records = args[0], *plan = args[2], *context = args[3];
+    PyObject *journal_id = args[4], *model = args[5], *unpackb = args[6];
+    if (!PyList_CheckExact(records) || !PyDict_CheckExact(plan)) {
+        PyErr_SetString(PyExc_TypeError, "apply_run() needs a list of records and a dict plan");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "apply_run() start must not be negative");
+        return NULL;
+    }
+    PyObject *raised = NULL;  /* a list, created on the first exception */
+
+    /* The list may change under us (a command's code could reach it): read
+     * its length and items afresh each time, holding a reference to the
+     * record while it is used. */
+    while (i < PyList_GET_SIZE(records)) {
+        PyObject *record = PyList_GET_ITEM(records, i);
+        if (!PyTuple_CheckExact(record) || PyTuple_GET_SIZE(record) != 7)
+            break;  /* not decode_run's: the slow path says what it is */
+        Py_INCREF(record);
+        PyObject *seq = PyTuple_GET_ITEM(record, 0);
+        PyObject *time_ns = PyTuple_GET_ITEM(record, 1);
+        PyObject *name = PyTuple_GET_ITEM(record, 2);
+        PyObject *version = PyTuple_GET_ITEM(record, 3);
+        PyObject *kind = PyTuple_GET_ITEM(record, 4);
+        PyObject *user = PyTuple_GET_ITEM(record, 5);
+        PyObject *fields = PyTuple_GET_ITEM(record, 6);
+
+        /* kind: 1 a command, 2 a query audit record (skipped), else stop.
+         * Exact ints only, as decode_run makes them. */
+        if (!PyLong_CheckExact(kind)) {
+            Py_DECREF(record);
+            break;
+        }
+        long k = PyLong_AsLong(kind);
+        if (k == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_DECREF(record);
+            break;
+        }
+        if (k != 1) {
+            Py_DECREF(record);
+            if (k == 2) {
+                i++;
+                continue;
+            }
+            break;
+        }
+
+        /* The plan: name -> (class, version), the version equal. */
+        PyObject *entry = PyDict_GetItemWithError(plan, name);  /* borrowed */
+        if (entry == NULL) {
+            Py_DECREF(record);
+            if (PyErr_Occurred())
+                goto error;
+            break;
+        }
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
+            Py_DECREF(record);
+            break;
+        }
+        Py_INCREF(entry);
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 1), version, Py_EQ);
+        if (same != 1) {
+            Py_DECREF(entry);
+            Py_DECREF(record);
+            if (same < 0)
+                goto error;
+            break;
+        }
+
+        /* Fields: a map, else the slow path decodes (and words the error). */
+        PyObject *values = PyObject_Vectorcall(unpackb, &fields, 1, NULL);
+        if (values == NULL) {
+            Py_DECREF(entry);
+            Py_DECREF(record);
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                goto error;  /* KeyboardInterrupt and the like go up */
+            PyErr_Clear();
+            break;
+        }
+        if (!PyDict_CheckExact(values)) {
+            Py_DECREF(values);
+            Py_DECREF(entry);
+            Py_DECREF(record);
+            break;
+        }
+        PyObject *command = PyObject_Call(PyTuple_GET_ITEM(entry, 0), empty_tuple, values);
+        Py_DECREF(values);
+        Py_DECREF(entry);
+        if (command == NULL) {
+            Py_DECREF(record);
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                goto error;
+            PyErr_Clear();
+            break;  /* the slow path builds it again and reports why */
+        }
+
+        PyObject *ctx_args[4] = {seq, time_ns, journal_id, user};
+        PyObject *ctx = PyObject_Vectorcall(context, ctx_args, 4, NULL);
+        PyObject *result = NULL;
+        if (ctx != NULL) {
+            PyObject *call_args[3] = {command, model, ctx};
+            result = PyObject_VectorcallMethod(
+                str_execute, call_args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            Py_DECREF(ctx);
+        }
+        Py_DECREF(command);
+        if (result != NULL) {
+            Py_DECREF(result);
+        }
+        else {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(record);
+                goto error;
+            }
+            /* Part of history: the live run failed the same way. Keep the
+             * exception, as `except Exception as e` would (normalized,
+             * with its traceback). */
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (traceback != NULL && value != NULL)
+                PyException_SetTraceback(value, traceback);
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            if (value == NULL) {
+                Py_DECREF(record);
+                PyErr_SetString(PyExc_SystemError, "apply_run: lost an exception");
+                goto error;
+            }
+            if (raised == NULL) {
+                raised = PyList_New(0);
+                if (raised == NULL) {
+                    Py_DECREF(value);
+                    Py_DECREF(record);
+                    goto error;
+                }
+            }
+            PyObject *item = PyTuple_Pack(3, seq, name, value);
+            Py_DECREF(value);
+            if (item == NULL || PyList_Append(raised, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(record);
+                goto error;
+            }
+            Py_DECREF(item);
+        }
+        Py_DECREF(record);
+        i++;
+    }
+
+    PyObject *index = PyLong_FromSsize_t(i);
+    if (index == NULL)
+        goto error;
+    if (raised == NULL) {
+        raised = Py_None;
+        Py_INCREF(raised);
+    }
+    PyObject *out = PyTuple_Pack(2, index, raised);
+    Py_DECREF(index);
+    Py_DECREF(raised);
+    return out;
+
+error:
+    Py_XDECREF(raised);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------
  * The module
  */
 
@@ -693,6 +889,7 @@ static PyMethodDef speedups_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, decode_run_doc},
     {"frame_record", (PyCFunction)(void (*)(void))speedups_frame_record,
      METH_FASTCALL | METH_KEYWORDS, frame_record_doc},
+    {"apply_run", (PyCFunction)(void (*)(void))speedups_apply_run, METH_FASTCALL, apply_run_doc},
     {"crc32c", speedups_crc32c, METH_VARARGS, crc32c_doc},
     {"_crc32c_portable", speedups_crc32c_portable, METH_VARARGS, crc32c_portable_doc},
     {NULL, NULL, 0, NULL},
@@ -732,7 +929,10 @@ PyInit__speedups(void)
     str_names = PyUnicode_InternFromString("_names");
     str_py_decode_run = PyUnicode_InternFromString("_py_decode_run");
     str_py_frame_record = PyUnicode_InternFromString("_py_frame_record");
-    if (str_names == NULL || str_py_decode_run == NULL || str_py_frame_record == NULL)
+    str_execute = PyUnicode_InternFromString("execute");
+    empty_tuple = PyTuple_New(0);
+    if (str_names == NULL || str_py_decode_run == NULL || str_py_frame_record == NULL
+        || str_execute == NULL || empty_tuple == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)

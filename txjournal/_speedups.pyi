@@ -1,5 +1,8 @@
 """Type hints for the C extension ``txjournal._speedups`` (see ``_speedups.c``)."""
 
+from collections.abc import Callable
+from typing import Any
+
 from txjournal.record import RecordTuple
 
 #: Whether :func:`crc32c` (and the record checksums) use the CPU's SSE4.2
@@ -20,3 +23,13 @@ def frame_record(
 ) -> bytes: ...
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0, /) -> int: ...
 def _crc32c_portable(data: bytes | bytearray | memoryview, value: int = 0, /) -> int: ...
+def apply_run(
+    records: list[RecordTuple],
+    start: int,
+    plan: dict[str, tuple[type, int]],
+    context: Callable[[int, int, int, str | None], Any],
+    journal_id: int,
+    model: Any,
+    unpackb: Callable[[bytes], Any],
+    /,
+) -> tuple[int, list[tuple[int, str, Exception]] | None]: ...

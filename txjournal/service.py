@@ -43,7 +43,8 @@ from txjournal.interfaces import (
 from txjournal.journal.file import DEFAULT_SEGMENT_SIZE, FileJournal
 from txjournal.lock import DataDirLock
 from txjournal.readiness import Readiness
-from txjournal.record import KIND_COMMAND, KIND_QUERY
+from txjournal.record import KIND_COMMAND, KIND_QUERY, RecordTuple
+from txjournal.replaying import Plan, apply_run
 from txjournal.schema import Context, Schema
 from txjournal.snapshot import fork as forked
 from txjournal.snapshot.file import FileSnapshotStore
@@ -304,7 +305,7 @@ class JournalService(Service, Generic[M]):
         count = 0
         started = last_report = time.monotonic()
         decode, is_retired, commands = schema.decode, schema.is_retired, schema.commands
-        unpackb = msgpack.unpackb
+        unpackb = fast_unpackb = msgpack.unpackb
         # Per name: its CommandType, or False if retired. A record of the
         # current version whose fields decode to a map is rebuilt here as
         # schema.decode() would (same class, same fields); anything else goes
@@ -315,61 +316,81 @@ class JournalService(Service, Generic[M]):
             chunks = batches(snap_seq + 1, newest)
         else:
             records = iter(journal.replay(snap_seq + 1, newest))
-            chunks = iter(lambda: list(islice(records, 1024)), [])
+            # Plain tuples, as replay_batches gives: apply_run takes no others.
+            chunks = iter(lambda: [tuple(r) for r in islice(records, 1024)], [])
+        # The common case goes through apply_run (in C where built); it stops
+        # before anything else, which slow() below handles one record at a time.
+        plan: Plan = {name: (ctype.cls, ctype.version) for name, ctype in commands.items()}
+        log = self.log
+
+        def slow(record: RecordTuple, journal_id: int) -> None:
+            seq, time_ns, name, version, kind, user, fields = record
+            if kind != KIND_COMMAND:
+                if kind == KIND_QUERY:
+                    return  # an audit record: nothing to apply
+                # Written by a newer txjournal: its meaning is unknown here, and
+                # skipping it could silently change history.
+                raise RecoveryError(
+                    f"record {seq} ({name!r}) has kind {kind}, unknown to this version of "
+                    f"txjournal: upgrade txjournal to read this journal"
+                )
+            entry = known.get(name)
+            if entry is None:
+                if is_retired(name):
+                    known[name] = False
+                    return
+                ctype = commands.get(name)
+                if ctype is not None:
+                    entry = known[name] = (ctype.cls, ctype.version)
+            elif entry is False:
+                return
+            command: Any = None
+            if entry is not None and version == entry[1]:
+                try:
+                    values = unpackb(fields, raw=False, strict_map_key=False)
+                except Exception:
+                    values = None
+                if type(values) is dict:
+                    try:
+                        command = entry[0](**values)
+                    except TypeError as e:
+                        raise RecoveryError(
+                            f"cannot replay record {seq} (command {name!r} version "
+                            f"{version}): fields of command {name!r} do not fit: {e}"
+                        ) from None
+            if command is None:
+                try:
+                    command = decode(name, version, fields)
+                except (UnknownCommand, InvalidArguments) as e:
+                    raise RecoveryError(
+                        f"cannot replay record {seq} (command {name!r} version {version}): {e}"
+                    ) from None
+            try:
+                command.execute(model, Context(seq, time_ns, journal_id, user))
+            except Exception as e:
+                raised(seq, name, e)
+
+        def raised(seq: int, name: str, error: Exception) -> None:
+            # Part of history: the live run failed the same way.
+            log.debug(
+                "Replayed command {seq} ({name}) raised {error!r}, as it did live",
+                seq=seq, name=name, error=error,
+            )
+
         for batch in chunks:
             journal_id = journal.journal_id
             before = count
             count += len(batch)
             last_time_ns = batch[-1][1]
-            for seq, time_ns, name, version, kind, user, fields in batch:
-                if kind != KIND_COMMAND:
-                    if kind == KIND_QUERY:
-                        continue  # an audit record: nothing to apply
-                    # Written by a newer txjournal: its meaning is unknown here, and
-                    # skipping it could silently change history.
-                    raise RecoveryError(
-                        f"record {seq} ({name!r}) has kind {kind}, unknown to this version of "
-                        f"txjournal: upgrade txjournal to read this journal"
-                    )
-                entry = known.get(name)
-                if entry is None:
-                    if is_retired(name):
-                        known[name] = False
-                        continue
-                    ctype = commands.get(name)
-                    if ctype is not None:
-                        entry = known[name] = (ctype.cls, ctype.version)
-                elif entry is False:
-                    continue
-                command: Any = None
-                if entry is not None and version == entry[1]:
-                    try:
-                        values = unpackb(fields, raw=False, strict_map_key=False)
-                    except Exception:
-                        values = None
-                    if type(values) is dict:
-                        try:
-                            command = entry[0](**values)
-                        except TypeError as e:
-                            raise RecoveryError(
-                                f"cannot replay record {seq} (command {name!r} version "
-                                f"{version}): fields of command {name!r} do not fit: {e}"
-                            ) from None
-                if command is None:
-                    try:
-                        command = decode(name, version, fields)
-                    except (UnknownCommand, InvalidArguments) as e:
-                        raise RecoveryError(
-                            f"cannot replay record {seq} (command {name!r} version {version}): {e}"
-                        ) from None
-                try:
-                    command.execute(model, Context(seq, time_ns, journal_id, user))
-                except Exception as e:
-                    # Part of history: the live run failed the same way.
-                    self.log.debug(
-                        "Replayed command {seq} ({name}) raised {error!r}, as it did live",
-                        seq=seq, name=name, error=e,
-                    )
+            i, n = 0, len(batch)
+            while i < n:
+                i, errors = apply_run(batch, i, plan, Context, journal_id, model, fast_unpackb)
+                if errors:
+                    for seq, name, error in errors:
+                        raised(seq, name, error)
+                if i < n:
+                    slow(batch[i], journal_id)
+                    i += 1
             if before // 8192 == count // 8192:
                 continue
             # Reported as of the last multiple of 8192 records in this batch.
