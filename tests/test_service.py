@@ -614,9 +614,10 @@ def test_tune_gc_keeps_a_higher_or_disabled_threshold(gc_settings: Any) -> None:
 def test_replay_logs_each_command_that_raises_as_it_did_live(
     pure: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from twisted.logger import Logger
+
     import txjournal.replaying
     import txjournal.service
-    from twisted.logger import Logger
 
     if pure:
         monkeypatch.setattr(txjournal.service, "apply_run", txjournal.replaying._py_apply_run)
