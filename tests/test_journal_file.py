@@ -698,3 +698,34 @@ def test_leftover_temp_snapshot_is_removed(tmp_path: Path) -> None:
     store.save(8, b"whole")
     assert store.load(8) == b"whole"
     assert sorted(os.listdir(directory)) == [snapshot_name(8)]
+
+
+def test_replay_holds_one_segment_in_memory_at_a_time(tmp_path: Path) -> None:
+    """A long journal replays in the memory of one segment, whatever its length."""
+    import tracemalloc
+
+    segment = 4 << 20
+    journal = FileJournal(str(tmp_path / "j"), segment_size=segment)
+    journal.open()
+    list(journal.replay())
+    payload = b"\x81\xa1x" + bytes([0xC4, 200]) + b"p" * 200  # {"x": 200 bytes}
+    seq = 1
+    while len(journal.segments) < 4:
+        records = [
+            encode_record(journal.salt, s, 0, b"deposit", 1, payload) for s in range(seq, seq + 500)
+        ]
+        journal.append(b"".join(records), seq, seq + 499)
+        seq += 500
+    journal.close()
+    reader = FileJournal(str(tmp_path / "j"), readonly=True)
+    reader.open()
+    tracemalloc.start()
+    try:
+        count = sum(len(batch) for batch in reader.replay_batches())
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    assert count == seq - 1
+    # One segment, one batch of decoded records; not two segments.
+    assert segment < peak < 1.5 * segment, peak

@@ -244,6 +244,9 @@ class FileJournal:
             if i == last:
                 self._tail_path = path
                 self._size = end
+            # Let go of this segment before reading the next: else both are in
+            # memory while the read runs, and peak memory is two segments.
+            data = b""
         self.next_seq = expected
         self._replayed = True
 
