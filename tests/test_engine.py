@@ -34,8 +34,8 @@ class Harness:
         self.journal.open()
         self.runner = ManualRunner()
         self.ready = True
-        self.sync_seconds = 0.0001  # what the fake monotonic clock says an append took
-        self._now = 0.0
+        self.sync_seconds = 0.0001  # how long an append takes on the fake monotonic clock
+        self.now = 0.0  # the fake monotonic clock
         self.soon: list[Any] = []  # what runs at the end of this reactor turn
         self.engine: Engine[Bank] = Engine(
             bank, self.journal, Bank(), self.runner, self.clock.seconds, next_seq=1,
@@ -44,13 +44,15 @@ class Harness:
             inline_max_batch=max_batch,
             inline_stall=0.02,
             inline_cooldown=10.0,
-            monotonic=self._monotonic,
+            monotonic=lambda: self.now,
         )
+        append = self.journal.append
 
-    def _monotonic(self) -> float:
-        # Each call is "after the append" of the previous one.
-        self._now += self.sync_seconds / 2
-        return self._now
+        def timed_append(data: bytes, first: int, last: int) -> None:
+            append(data, first, last)
+            self.now += self.sync_seconds
+
+        self.journal.append = timed_append  # type: ignore[method-assign]
 
     def end_turn(self) -> None:
         """Run what was planned for the end of this turn (not what that plans)."""
@@ -130,20 +132,43 @@ def test_a_slow_inline_sync_turns_inline_commit_off_for_the_cool_down() -> None:
     h.end_turn()
     assert h.engine.inline_batches == 1
     h.sync_seconds = 0.0001
-    # Within the cool-down: straight to the writer thread.
+    # Within the cool-down (10 s): straight to the writer thread.
     fired(h.deposit())
     assert len(h.runner.calls) == 1
     h.runner.release()
-    h.clock.advance(9.9)
+    h.now += 9.0
     fired(h.deposit())
     assert len(h.runner.calls) == 1
     h.runner.release()
     # After it: inline again.
-    h.clock.advance(0.2)
+    h.now += 1.0
     fired(h.deposit())
     h.end_turn()
     assert h.runner.calls == [] and h.engine.inline_batches == 2
-    assert h.written() == [1, 2, 3, 4]
+    # A second slow sync: twice as long a cool-down.
+    h.sync_seconds = 0.5
+    fired(h.deposit())
+    h.end_turn()
+    h.sync_seconds = 0.0001
+    h.now += 19.0
+    fired(h.deposit())
+    assert len(h.runner.calls) == 1
+    h.runner.release()
+    h.now += 1.0
+    fired(h.deposit())
+    h.end_turn()
+    assert h.runner.calls == [] and h.engine.inline_batches == 4
+    assert h.written() == list(range(1, 8))
+
+
+def test_the_cool_down_ignores_the_wall_clock() -> None:
+    h = Harness()
+    h.sync_seconds = 0.5
+    fired(h.deposit())
+    h.end_turn()
+    h.clock.advance(3600)  # the wall clock jumps; the monotonic one did not
+    fired(h.deposit())
+    assert len(h.runner.calls) == 1
 
 
 def test_an_inline_write_error_fail_stops_as_on_the_writer_thread() -> None:
@@ -244,7 +269,7 @@ async def test_service_commits_inline_and_every_acknowledged_command_is_on_disk(
     try:
         for i in range(20):
             assert await service.execute(Deposit("a", 1)) == i + 1
-        # And some concurrent ones, mixed with a snapshot that prunes on the writer thread.
+        # And some concurrent ones.
         results = await gatherResults([service.execute(Deposit(f"b{i}", 1)) for i in range(50)])
         assert results == [1] * 50
         engine = service.engine
@@ -338,6 +363,8 @@ async def test_no_inline_commit_while_a_snapshot_is_written(tmp_path: Any) -> No
     service = JournalService(bank, str(tmp_path / "data"), snapshot_on_stop=False)
     service.startService()
     try:
+        # Whatever the disk's speed, no cool-down here.
+        service.engine._inline_stall = float("inf")
         await service.execute(Deposit("a", 1))
         before = service.engine.inline_batches  # the first append opened the segment
         await service.execute(Deposit("a", 1))

@@ -243,3 +243,19 @@ def test_twistd_options_build_a_replica(tmp_path: Any) -> None:
     options = parse("--journal", "postgresql://127.0.0.1/test", "--take-over", "--datadir", str(tmp_path))
     writer = makeService(options).getServiceNamed("journal")
     assert writer._journal_given.take_over is True
+
+
+def test_a_promoted_replica_leaves_the_garbage_collector_alone() -> None:
+    """No full collection on the reactor thread in the middle of a failover."""
+    from examples.bank import Bank, bank
+    from txjournal.journal.memory import MemoryJournal, MemorySnapshotStore
+    from txjournal.replica import _PromotedService
+
+    promoted = _PromotedService(
+        bank, Bank(), 0, journal=MemoryJournal(), snapshots=MemorySnapshotStore()
+    )
+    assert promoted.tune_gc is False
+    chosen = _PromotedService(
+        bank, Bank(), 0, journal=MemoryJournal(), snapshots=MemorySnapshotStore(), tune_gc=True
+    )
+    assert chosen.tune_gc is True

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import ManualRunner, sync_runner
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -36,6 +36,7 @@ from txjournal import (
     JournalWriteError,
     NotRunning,
     Schema,
+    SnapshotError,
     UnknownCommand,
     UnknownQuery,
 )
@@ -584,8 +585,13 @@ def test_tune_gc_freezes_the_loaded_model_and_raises_the_first_threshold(gc_sett
     assert frozen > 0
     # The model is among the frozen objects: full passes leave it out.
     gc.collect()
-    assert all(svc.model is not o for o in gc.get_objects(2))
+    model = svc.model
+    assert all(model is not o for o in gc.get_objects(2))
     svc.stopService()
+    # Stopped, it hands them back: garbage cycles among them can go now.
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert any(model is o for o in gc.get_objects(2))
 
 
 def test_tune_gc_off_leaves_the_collector_alone(gc_settings: Any) -> None:
@@ -641,3 +647,55 @@ def test_replay_logs_each_command_that_raises_as_it_did_live(
     assert raised == [(2, "withdraw", InsufficientFunds), (3, "withdraw", UnknownAccount)]
     assert again.query("accounts") == {"alice": 10}
     outcome(again.stopService())
+
+
+def test_snapshot_calls_during_a_snapshot_share_the_next_one(manual_runner: ManualRunner) -> None:
+    """
+    However many ask while one is written, one more is written for all of
+    them, at least as new as their call (queueing each on the lock chained
+    their releases until the stack overflowed and the lock stayed held).
+    """
+    store = MemorySnapshotStore()
+    svc = make(store=store, runner=manual_runner)
+    svc.execute(Deposit("alice", 1))
+    manual_runner.release()
+    first = svc.snapshot()
+    svc.execute(Deposit("alice", 1))  # after the first snapshot's point
+    f, args, d = manual_runner.calls.pop(1)  # its append, not the snapshot's write
+    maybeDeferred(f, *args).chainDeferred(d)
+    later = [svc.snapshot() for _ in range(2000)]
+    manual_runner.release()  # the first snapshot's write
+    assert outcome(first) == 1
+    assert not any(d.called for d in later)
+    manual_runner.release()  # the shared one
+    assert {outcome(d) for d in later} == {2}
+    assert store.list() == [2, 1]
+    assert not svc._snapshot_lock.locked
+    assert manual_runner.calls == []
+    outcome(svc.snapshot())  # nothing new: no write
+    assert manual_runner.calls == [] and store.list() == [2, 1]
+
+
+def test_a_failed_shared_snapshot_fails_every_caller_and_frees_the_lock(
+    manual_runner: ManualRunner,
+) -> None:
+    store = MemorySnapshotStore()
+    svc = make(store=store, runner=manual_runner)
+    svc.execute(Deposit("alice", 1))
+    manual_runner.release()
+    first = svc.snapshot()
+    svc.execute(Deposit("alice", 1))
+    f, args, d = manual_runner.calls.pop(1)
+    maybeDeferred(f, *args).chainDeferred(d)
+    later = [svc.snapshot() for _ in range(3)]
+    manual_runner.release()
+    assert outcome(first) == 1
+    f, args, d = manual_runner.calls.pop(0)  # the shared snapshot's write: make it fail
+    d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
+    for waiter in later:
+        failure = outcome(waiter)
+        assert isinstance(failure, Failure) and failure.check(SnapshotError)
+    assert not svc._snapshot_lock.locked
+    svc.snapshot()
+    manual_runner.release()
+    assert store.list() == [2, 1]

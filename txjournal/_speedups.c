@@ -384,9 +384,11 @@ speedups_decode_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     if (overflow < 0 || limit <= 0)
         return nothing_decoded(offset_obj);
 
+    /* Each conversion checked before the next: no C-API call with an
+     * exception pending. */
     Py_ssize_t offset = PyLong_AsSsize_t(offset_obj);
-    Py_ssize_t end = PyLong_AsSsize_t(end_obj);
-    if ((offset == -1 || end == -1) && PyErr_Occurred()) {
+    Py_ssize_t end = offset == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(end_obj);
+    if (end == -1 && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_OverflowError))
             return NULL;
         PyErr_Clear();

@@ -15,8 +15,9 @@ given), a small batch that finds the writer idle is written and synced on
 the reactor thread at the end of the reactor turn it arrived in, as Redis
 does with ``appendfsync always``; the reactor stalls for that one sync. If
 an inline sync ever takes longer than ``inline_stall`` seconds, the engine
-goes back to the writer thread for ``inline_cooldown`` seconds, so a
-struggling disk stalls the reactor at most once per cool-down.
+goes back to the writer thread for ``inline_cooldown`` seconds, twice as
+long after each further slow sync (up to an hour): a struggling disk stalls
+the reactor once per cool-down at most, and less and less often.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ DEFAULT_INLINE_MAX_BATCH = 8
 _INLINE_RECENT_BATCH = 2.0
 #: An inline sync slower than this (seconds) turns inline commit off...
 DEFAULT_INLINE_STALL = 0.02
-#: ... for this long (seconds).
+#: ... for this long (seconds), twice as long each time after, up to an hour.
 DEFAULT_INLINE_COOLDOWN = 10.0
+_INLINE_MAX_COOLDOWN = 3600.0
 _MASK_DELTA = rec.MASK_DELTA
 
 
@@ -156,7 +158,7 @@ class Engine(Generic[M]):
         self._inline_cooldown = inline_cooldown
         self._monotonic = monotonic
         self._inline_scheduled = False
-        self._inline_off_until = 0.0  # reactor time before which it stays off
+        self._inline_off_until = 0.0  # monotonic time before which it stays off
         # Mean size of recent batches: about 1 means a lone caller, for whom
         # the hand-offs are the cost; more means concurrent callers, whose
         # commands the reactor should keep reading while the disk syncs.
@@ -322,7 +324,7 @@ class Engine(Generic[M]):
             self._call_soon is not None
             and len(self._batch) <= self._inline_max_batch
             and self._recent_batch < _INLINE_RECENT_BATCH
-            and self._seconds() >= self._inline_off_until
+            and self._monotonic() >= self._inline_off_until
         ):
             # At the end of this reactor turn, so that whatever else arrives
             # in it (other connections' commands) joins the batch.
@@ -380,7 +382,7 @@ class Engine(Generic[M]):
             return  # a failure emptied it, or it went to the writer already
         if (
             len(self._batch) > self._inline_max_batch
-            or self._seconds() < self._inline_off_until
+            or self._monotonic() < self._inline_off_until
             or not self._inline_ready()  # type: ignore[misc]
         ):
             self._flush()
@@ -396,14 +398,18 @@ class Engine(Generic[M]):
             if not isinstance(e, Exception):
                 raise
             return
-        took = self._monotonic() - started
+        now = self._monotonic()
+        took = now - started
         if took > self._inline_stall:
-            self._inline_off_until = self._seconds() + self._inline_cooldown
+            # Each slow sync doubles the cool-down (up to an hour): a disk that
+            # keeps stalling soon stalls the reactor almost never.
+            cooldown = self._inline_cooldown
+            self._inline_cooldown = min(cooldown * 2, _INLINE_MAX_COOLDOWN)
+            self._inline_off_until = now + cooldown
             self.log.warn(
-                "An inline journal sync took {took:.3f}s (over {limit}s): commits go "
-                "through the writer thread for the next {cooldown}s so the reactor "
-                "does not stall on a slow disk",
-                took=took, limit=self._inline_stall, cooldown=self._inline_cooldown,
+                "An inline journal sync took {took:.3f}s (over {limit}s), stalling the "
+                "reactor: commits go through the writer thread for the next {cooldown}s",
+                took=took, limit=self._inline_stall, cooldown=cooldown,
             )
         self.inline_batches += 1
         self._flushed(None, batch)

@@ -122,6 +122,8 @@ class _PromotedService(JournalService[M]):
     """A JournalService that starts from a replica's model instead of a snapshot."""
 
     def __init__(self, schema: Schema[M], model: M, seq: int, **kwargs: Any) -> None:
+        # No full collection on the reactor thread in the middle of a failover.
+        kwargs.setdefault("tune_gc", False)
         super().__init__(schema, **kwargs)
         self._start_from = (model, seq)
 

@@ -102,8 +102,10 @@ class JournalService(Service, Generic[M]):
         and triggers a full pass every few thousand commands (measured:
         15% of the CPU at 1,000 callers, 1% with this). Frozen objects are
         still freed by reference counting; only reference *cycles* among
-        them that become garbage are not reclaimed (``gc.unfreeze()`` and
-        ``gc.collect()`` at a quiet time do, or pass ``False``).
+        them that become garbage are not reclaimed until the service stops
+        (it unfreezes them), so a model with cycles may keep up to its
+        start-up size of such garbage (``gc.unfreeze()`` and ``gc.collect()``
+        at a quiet time reclaim it; or pass ``False``).
     :param journal: a journal backend to use instead of the file journal
         under ``datadir``.
     :param snapshots: a snapshot store to use instead of files under
@@ -157,6 +159,7 @@ class JournalService(Service, Generic[M]):
         self.max_pending = max_pending
         self.inline_commit = inline_commit
         self.tune_gc = tune_gc
+        self._gc_frozen = False
         self.serializer: ISnapshotSerializer = serializer or PickleSerializer()
         self._journal_given = journal
         self._snapshots_given = snapshots
@@ -172,6 +175,8 @@ class JournalService(Service, Generic[M]):
         self._snapshot_runner: Runner | None = None
         self._writer_runner: Runner | None = None
         self._snapshot_lock = DeferredLock()
+        #: Callers waiting for the snapshot after the one being written.
+        self._snapshot_waiters: list[Deferred[int]] | None = None
         self._snapshot_loop: LoopingCall | None = None
         self._loop_done: Deferred[Any] | None = None
         self.last_snapshot_seq = 0
@@ -250,6 +255,7 @@ class JournalService(Service, Generic[M]):
             )
         if self.tune_gc:
             _tune_gc(self.log)
+            self._gc_frozen = True
         runner = self._runner_given
         if runner is None:
             runner = self._start_thread("txjournal-writer")
@@ -464,6 +470,11 @@ class JournalService(Service, Generic[M]):
             self._lock.release()
             self._lock = None
         self._engine = None
+        if self._gc_frozen:
+            # What was frozen at start-up is the collector's again: cycles
+            # among it that became garbage meanwhile are reclaimed now.
+            self._gc_frozen = False
+            gc.unfreeze()
 
     # -- commands and queries -----------------------------------------------------
 
@@ -579,7 +590,32 @@ class JournalService(Service, Generic[M]):
         return d
 
     def _take_snapshot(self) -> Deferred[int]:
-        return self._snapshot_lock.run(self._write_snapshot)
+        """
+        A snapshot at least as new as this call: the one being written
+        started earlier, so callers meanwhile share the next one. One
+        running and one waiting, however many ask: queueing each on the
+        lock would chain their releases deep enough to overflow the stack.
+        """
+        if not self._snapshot_lock.locked:
+            return self._snapshot_lock.run(self._write_snapshot)
+        waiter: Deferred[int] = Deferred()
+        if self._snapshot_waiters is None:
+            self._snapshot_waiters = []
+            self._snapshot_lock.run(self._write_next_snapshot)
+        self._snapshot_waiters.append(waiter)
+        return waiter
+
+    def _write_next_snapshot(self) -> Deferred[None]:
+        waiters, self._snapshot_waiters = self._snapshot_waiters or [], None
+
+        def share(result: int | Failure) -> None:
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        return self._write_snapshot().addBoth(share)
 
     def _write_snapshot(self) -> Deferred[int]:
         engine, store = self._engine, self._store

@@ -231,7 +231,7 @@ class Options(usage.Options):
         ["no-pb", None, "Do not listen for PB clients (the journal only)."],
         ["no-snapshot-on-stop", None, "Do not write a snapshot on a clean shutdown."],
         ["no-inline-commit", None, "Never sync the journal on the reactor thread, even under light load (costs a lone caller two thread wake-ups per command)."],
-        ["no-tune-gc", None, "Leave the garbage collector's settings alone (by default the loaded model is frozen out of its full passes and its first threshold raised)."],
+        ["no-tune-gc", None, "Leave the garbage collector's settings alone (by default a writer freezes its loaded model out of the collector's full passes and raises its first threshold; a replica never does)."],
         ["take-over", None, "With a PostgreSQL --journal: if another writer is alive, fence it and end its session instead of refusing to start."],
         ["auto-promote", None, "With --replica-of: become the writer when no writer has held the journal's lease for --promote-grace seconds."],
         [
