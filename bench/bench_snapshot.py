@@ -190,6 +190,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         snap_t0 = time.perf_counter()
         seq = await service.snapshot()
         snap_t1 = time.perf_counter()
+        pause_ms = service.last_snapshot_pause * 1e3
         await deferLater(reactor, 0.05, lambda: None)
         caller.running = False
         await caller.done
@@ -217,8 +218,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             gaps[-1] if gaps else None, group="snapshot",
             note=(f"model: {entries:,} customer tuples, {model_mib:.0f} MiB of RSS, built in "
                   f"{build_seconds:.1f} s; snapshot at seq {seq}: {snap_bytes / 2**20:.0f} MiB "
-                  f"on disk; p50/p99/max ms = heartbeat gaps during the snapshot"),
+                  f"on disk; the fork paused the reactor {pause_ms:.1f} ms; "
+                  f"p50/p99/max ms = heartbeat gaps during the snapshot"),
             extra=dict(common_extra, snapshot_bytes=snap_bytes, commands_during=len(during),
+                       fork_pause_ms=pause_ms,
                        command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
         ))
         results.append(Result(

@@ -180,6 +180,9 @@ class JournalService(Service, Generic[M]):
         self._snapshot_loop: LoopingCall | None = None
         self._loop_done: Deferred[Any] | None = None
         self.last_snapshot_seq = 0
+        #: Seconds the reactor paused to start the last snapshot (the fork,
+        #: or the serialization when not forking).
+        self.last_snapshot_pause = 0.0
         #: Sequence number covered by the snapshot loaded at start-up (0: none).
         self.loaded_snapshot_seq = 0
         #: How many journal records start-up replayed.
@@ -659,7 +662,7 @@ class JournalService(Service, Generic[M]):
                 path = store.save(seq, payload, digest)
                 return path, len(payload), store.prune(keep)
 
-        stall = time.monotonic() - started
+        stall = self.last_snapshot_pause = time.monotonic() - started
 
         def saved(result: tuple[str, int, list[int]]) -> int | Deferred[int]:
             path, size, removed = result
