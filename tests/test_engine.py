@@ -161,6 +161,34 @@ def test_a_slow_inline_sync_turns_inline_commit_off_for_the_cool_down() -> None:
     assert h.written() == list(range(1, 8))
 
 
+def test_after_ten_quiet_minutes_the_cool_down_is_back_to_its_first_length() -> None:
+    h = Harness()
+
+    def slow_sync() -> None:
+        h.sync_seconds = 0.5
+        fired(h.deposit())
+        h.end_turn()
+        h.sync_seconds = 0.0001
+
+    def inline_after(seconds: float) -> bool:
+        """Is a command committed inline this many seconds from now?"""
+        h.now += seconds
+        fired(h.deposit())
+        h.end_turn()
+        if h.runner.calls:
+            h.runner.release_all()
+            return False
+        return True
+
+    slow_sync()  # off for 10 s
+    assert not inline_after(9.0) and inline_after(1.5)
+    slow_sync()  # off for 20 s
+    assert not inline_after(19.0) and inline_after(1.5)
+    assert inline_after(600.0)  # quiet for ten minutes: forgiven
+    slow_sync()  # off for 10 s again, not 40
+    assert inline_after(10.5)
+
+
 def test_the_cool_down_ignores_the_wall_clock() -> None:
     h = Harness()
     h.sync_seconds = 0.5

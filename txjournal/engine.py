@@ -16,8 +16,9 @@ the reactor thread at the end of the reactor turn it arrived in, as Redis
 does with ``appendfsync always``; the reactor stalls for that one sync. If
 an inline sync ever takes longer than ``inline_stall`` seconds, the engine
 goes back to the writer thread for ``inline_cooldown`` seconds, twice as
-long after each further slow sync (up to an hour): a struggling disk stalls
-the reactor once per cool-down at most, and less and less often.
+long after each further slow sync (up to an hour; back to the first length
+after ten minutes without one): a struggling disk stalls the reactor once
+per cool-down at most, and less and less often.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ DEFAULT_INLINE_STALL = 0.02
 #: ... for this long (seconds), twice as long each time after, up to an hour.
 DEFAULT_INLINE_COOLDOWN = 10.0
 _INLINE_MAX_COOLDOWN = 3600.0
+#: After this long (seconds) without a slow inline sync, the cool-down is
+#: back to its first length.
+_INLINE_FORGIVE = 600.0
 _MASK_DELTA = rec.MASK_DELTA
 
 
@@ -155,7 +159,8 @@ class Engine(Generic[M]):
         self._inline_ready = inline_ready
         self._inline_max_batch = inline_max_batch
         self._inline_stall = inline_stall
-        self._inline_cooldown = inline_cooldown
+        self._inline_cooldown = self._inline_cooldown0 = inline_cooldown
+        self._last_slow = 0.0
         self._monotonic = monotonic
         self._inline_scheduled = False
         self._inline_off_until = 0.0  # monotonic time before which it stays off
@@ -400,7 +405,11 @@ class Engine(Generic[M]):
             return
         now = self._monotonic()
         took = now - started
-        if took > self._inline_stall:
+        if took <= self._inline_stall:
+            if self._inline_cooldown != self._inline_cooldown0 and now - self._last_slow > _INLINE_FORGIVE:
+                self._inline_cooldown = self._inline_cooldown0  # quiet for long: forgiven
+        else:
+            self._last_slow = now
             # Each slow sync doubles the cool-down (up to an hour): a disk that
             # keeps stalling soon stalls the reactor almost never.
             cooldown = self._inline_cooldown
