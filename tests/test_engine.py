@@ -125,68 +125,47 @@ def test_a_busy_writer_thread_means_no_inline_commit() -> None:
     assert h.engine.inline_batches == 0
 
 
+def slow_sync(h: Harness) -> None:
+    """One command whose inline sync takes half a second."""
+    h.sync_seconds = 0.5
+    fired(h.deposit())
+    h.end_turn()
+    h.sync_seconds = 0.0001
+
+
+def inline_after(h: Harness, seconds: float) -> bool:
+    """Is a command committed inline this many seconds from now?"""
+    h.now += seconds
+    fired(h.deposit())
+    h.end_turn()
+    if h.runner.calls:
+        h.runner.release_all()
+        return False
+    return True
+
+
 def test_a_slow_inline_sync_turns_inline_commit_off_for_the_cool_down() -> None:
     h = Harness()
-    h.sync_seconds = 0.5
-    fired(h.deposit())
-    h.end_turn()
+    slow_sync(h)
     assert h.engine.inline_batches == 1
-    h.sync_seconds = 0.0001
-    # Within the cool-down (10 s): straight to the writer thread.
-    fired(h.deposit())
-    assert len(h.runner.calls) == 1
-    h.runner.release()
-    h.now += 9.0
-    fired(h.deposit())
-    assert len(h.runner.calls) == 1
-    h.runner.release()
-    # After it: inline again.
-    h.now += 1.0
-    fired(h.deposit())
-    h.end_turn()
-    assert h.runner.calls == [] and h.engine.inline_batches == 2
+    # Within the cool-down (10 s): to the writer thread; after it, inline again.
+    assert not inline_after(h, 0.0) and not inline_after(h, 9.0) and inline_after(h, 1.0)
     # A second slow sync: twice as long a cool-down.
-    h.sync_seconds = 0.5
-    fired(h.deposit())
-    h.end_turn()
-    h.sync_seconds = 0.0001
-    h.now += 19.0
-    fired(h.deposit())
-    assert len(h.runner.calls) == 1
-    h.runner.release()
-    h.now += 1.0
-    fired(h.deposit())
-    h.end_turn()
-    assert h.runner.calls == [] and h.engine.inline_batches == 4
+    slow_sync(h)
+    assert not inline_after(h, 19.0) and inline_after(h, 1.0)
+    assert h.engine.inline_batches == 4
     assert h.written() == list(range(1, 8))
 
 
 def test_after_ten_quiet_minutes_the_cool_down_is_back_to_its_first_length() -> None:
     h = Harness()
-
-    def slow_sync() -> None:
-        h.sync_seconds = 0.5
-        fired(h.deposit())
-        h.end_turn()
-        h.sync_seconds = 0.0001
-
-    def inline_after(seconds: float) -> bool:
-        """Is a command committed inline this many seconds from now?"""
-        h.now += seconds
-        fired(h.deposit())
-        h.end_turn()
-        if h.runner.calls:
-            h.runner.release_all()
-            return False
-        return True
-
-    slow_sync()  # off for 10 s
-    assert not inline_after(9.0) and inline_after(1.5)
-    slow_sync()  # off for 20 s
-    assert not inline_after(19.0) and inline_after(1.5)
-    assert inline_after(600.0)  # quiet for ten minutes: forgiven
-    slow_sync()  # off for 10 s again, not 40
-    assert inline_after(10.5)
+    slow_sync(h)  # off for 10 s
+    assert not inline_after(h, 9.0) and inline_after(h, 1.5)
+    slow_sync(h)  # off for 20 s
+    assert not inline_after(h, 19.0) and inline_after(h, 1.5)
+    assert inline_after(h, 600.0)  # quiet for ten minutes: forgiven
+    slow_sync(h)  # off for 10 s again, not 40
+    assert inline_after(h, 10.5)
 
 
 def test_the_cool_down_ignores_the_wall_clock() -> None:
