@@ -59,8 +59,14 @@ def command_mix(count: int, seed: int = 1) -> list[object]:
 
 def start_bank(datadir: Path | str, runner: Any = sync_runner, clock: Clock | None = None,
                **kw: Any) -> JournalService[Bank]:
-    """A started service on ``datadir`` that never touches threads or the real reactor."""
+    """
+    A started service on ``datadir`` that never touches threads or the real
+    reactor. The recovery tests start thousands in one process: without
+    ``tune_gc``, each restart would pay a full collection of the test
+    process's heap (the tuning has tests of its own).
+    """
     kw.setdefault("snapshot_on_stop", False)
+    kw.setdefault("tune_gc", False)
     svc: JournalService[Bank] = JournalService(
         bank, str(datadir), runner=runner, reactor=clock or Clock(), **kw
     )

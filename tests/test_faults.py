@@ -131,3 +131,31 @@ def test_fault_fail_stops_and_restart_keeps_every_ack(tmp_path: Any, op: str, co
         assert box == [balance + 1000]
         svc.stopService()
     assert cases >= 2
+
+
+class RefusingFS(OSFileSystem):
+    """The journal's segments cannot be opened for appending (an immutable file)."""
+
+    def open_append(self, path: str) -> int:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+
+
+def test_a_tail_segment_that_cannot_be_written_stops_start_up(tmp_path: Any) -> None:
+    datadir = str(tmp_path / "d")
+    acked, _failed, _errors = run(datadir, CountingFS())
+    svc = JournalService(
+        bank, datadir, fs=RefusingFS(), runner=sync_runner, reactor=Clock(),
+        segment_size=200, snapshot_on_stop=False,
+    )
+    # Refused at start, naming the file, not at the first command after
+    # the service said it was ready.
+    with pytest.raises(PermissionError) as raised:
+        svc.startService()
+    assert raised.value.filename is not None
+    assert raised.value.filename.endswith(".log")
+    assert os.path.dirname(raised.value.filename) == os.path.join(datadir, "journal")
+    assert not svc.running
+    again = JournalService(bank, datadir, runner=sync_runner, reactor=Clock(), snapshot_on_stop=False)
+    again.startService()
+    assert again.query("balance", account="a") == sum(acked)
+    again.stopService()

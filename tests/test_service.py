@@ -205,6 +205,12 @@ def test_write_failure_fail_stops(manual_runner: ManualRunner) -> None:
     assert svc.query("balance", account="alice") == 10
     f3 = outcome(svc.execute(Deposit("alice", 1)))
     assert f3.check(JournalFailed)
+    # A refused command was certainly not written, and the message says
+    # so once, naming the error that stopped the journal.
+    for f in (f2, f3):
+        text = str(f.value)
+        assert text.startswith("not written:") and "unknown" not in text
+        assert "Input/output error" in text and text.count("restart") == 1
     assert svc.engine.pending == 0
     assert manual_runner.calls == []
     # A restart recovers exactly what reached the journal.
@@ -304,6 +310,20 @@ def test_snapshot_schedule_and_on_stop_and_keep() -> None:
     svc.execute(Deposit("a", 1))
     outcome(svc.stopService())
     assert store.list() == [4, 3]
+
+
+def test_no_scheduled_snapshots_after_a_write_error() -> None:
+    clock = Clock()
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, clock=clock, snapshot_interval=10)
+    svc.execute(Deposit("a", 1))
+    journal.fail_next = OSError(errno.ENOSPC, "No space left on device")
+    assert outcome(svc.execute(Deposit("a", 2))).check(JournalWriteError)
+    clock.advance(30)
+    assert store.list() == []
+    # Asked for, one is still taken: the model holds what was applied.
+    assert outcome(svc.snapshot()) == 1
+    assert store.list() == [1]
 
 
 def test_no_snapshot_on_stop_when_disabled() -> None:
@@ -563,12 +583,17 @@ def test_records_of_an_unknown_kind_stop_replay() -> None:
 
 
 @pytest.fixture
-def gc_settings() -> Any:
+def gc_settings(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Put the process's garbage-collector settings back after the test."""
     import gc
 
+    import txjournal.service
+
+    # A tuning of its own: services earlier tests left running keep theirs.
+    monkeypatch.setattr(txjournal.service, "_gc_tuning", txjournal.service._GCTuning())
     threshold = gc.get_threshold()
     yield
+    gc.unfreeze()
     gc.set_threshold(*threshold)
 
 
@@ -614,6 +639,59 @@ def test_tune_gc_keeps_a_higher_or_disabled_threshold(gc_settings: Any) -> None:
         gc.set_threshold(*threshold)
         make().stopService()
         assert gc.get_threshold() == threshold
+
+
+class Cyclic:
+    """A model that refers to itself: only a full collection frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+cyclic: Schema[Cyclic] = Schema("cyclic", model=Cyclic)
+
+
+def test_tune_gc_a_restarted_service_does_not_keep_its_predecessors_model(
+    gc_settings: Any,
+) -> None:
+    import weakref
+
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, schema=cyclic, snapshot_on_stop=False)
+    first = weakref.ref(svc.model)
+    svc.stopService()
+    del svc
+    again = make(journal, store, schema=cyclic, snapshot_on_stop=False)
+    # Frozen again without a full pass, the old model would live for good.
+    assert first() is None
+    again.stopService()
+
+
+def test_tune_gc_is_shared_by_the_services_of_a_process(gc_settings: Any) -> None:
+    import gc
+
+    from txjournal.service import GC_THRESHOLD0
+
+    gc.set_threshold(700, 10, 10)
+    a, b = make(), make()
+    a.stopService()
+    # b still runs: its model stays frozen and the threshold raised.
+    assert gc.get_threshold() == (GC_THRESHOLD0, 10, 10)
+    gc.collect()
+    assert all(b.model is not o for o in gc.get_objects(2))
+    b.stopService()
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_tune_gc_leaves_a_threshold_changed_while_it_ran(gc_settings: Any) -> None:
+    import gc
+
+    gc.set_threshold(700, 10, 10)
+    svc = make()
+    gc.set_threshold(5_000, 10, 10)  # the application's own choice
+    svc.stopService()
+    assert gc.get_threshold() == (5_000, 10, 10)
 
 
 @pytest.mark.parametrize("pure", [False, True])

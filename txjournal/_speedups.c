@@ -351,10 +351,11 @@ PyDoc_STRVAR(decode_run_doc,
 "salt and length (one dict per salt, filled here).\n"
 "\n"
 "This is the C version of ``txjournal.record._py_decode_run``, which is the\n"
-"reference: the results are the same for every input. It does not use\n"
-"``length_states`` (the state after the length costs less to compute than\n"
-"to look up). Anything but plain arguments (``bytes``, ``int``, ``dict``,\n"
-"0 <= offset, end <= len(buf)) is passed to the reference.");
+"reference: for the same buffer and bounds the results are the same. It\n"
+"neither uses nor fills ``length_states`` (the state after the length\n"
+"costs less to compute than to look up). Anything but plain arguments\n"
+"(``bytes``, ``int``, ``dict``, 0 <= offset, end <= len(buf)) is passed to\n"
+"the reference.");
 
 static PyObject *
 speedups_decode_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
@@ -701,7 +702,10 @@ PyDoc_STRVAR(apply_run_doc,
 "Apply ``records[start:]`` in order while each is a plain case; return the\n"
 "index of the first one that is not and the list of ``(seq, name,\n"
 "exception)`` the commands applied raised, or ``None``. See\n"
-":func:`txjournal.replaying._py_apply_run`.");
+":func:`txjournal.replaying._py_apply_run`, the reference: for records as\n"
+"``decode_run`` returns them the results are the same. Arguments no caller\n"
+"passes may be met differently: a negative start is refused here, and a\n"
+"record that is not a 7-tuple ends the run before it (for the slow path).");
 
 static PyObject *
 speedups_apply_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)

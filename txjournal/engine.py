@@ -152,6 +152,8 @@ class Engine(Generic[M]):
         self._durable: deque[list[_Pending]] = deque()
         self._applying = False
         self._failed: JournalWriteError | None = None
+        #: The write error that stopped the journal, in a few words.
+        self._failed_why = ""
         self._closed = False
         self._idle_waiters: list[Deferred[None]] = []
         # Inline commit (see the module docstring); off unless both are given.
@@ -278,13 +280,17 @@ class Engine(Generic[M]):
         )
         return self._append(None, rest, arguments, user)
 
+    def _stopped(self, what: str) -> JournalFailed:
+        return JournalFailed(
+            f"not written: the journal stopped after a write error "
+            f"({self._failed_why}) and accepts no more {what}; restart the "
+            f"service once the cause is fixed"
+        )
+
     def _refusal(self, what: str) -> Exception | None:
         """Why nothing more can be accepted right now, if so."""
         if self._failed is not None:
-            return JournalFailed(
-                f"the journal stopped after a write error and accepts no more {what}; "
-                f"restart the service ({self._failed})"
-            )
+            return self._stopped(what)
         if self._closed:
             return NotRunning("the journal service is stopping")
         if self._pending >= self._max_pending:
@@ -472,6 +478,9 @@ class Engine(Generic[M]):
         )
         err.__cause__ = cause
         self._failed = err
+        self._failed_why = (
+            f"{describe_os_error(cause)}, writing commands {batch[0][1]}..{batch[-1][1]}"
+        )
         self.log.critical(
             "Journal write failed: {cause}. No more commands are accepted; queries "
             "still work. Restart the service once the cause is fixed.",
@@ -482,7 +491,7 @@ class Engine(Generic[M]):
         self._pending -= len(batch) + len(waiting)
         for p in batch:
             p[4].errback(err)
-        refused = JournalFailed(f"not written: {err}")
+        refused = self._stopped("commands")
         for p in waiting:
             p[4].errback(refused)
         self._check_idle()

@@ -399,8 +399,9 @@ def iter_records(
 # -- C speedups --------------------------------------------------------------------------
 
 #: Whether :func:`decode_run` and :func:`frame_record` are the C versions from
-#: ``txjournal._speedups``. They are unless the extension is missing (built
-#: without a compiler) or the environment variable ``TXJOURNAL_PURE_PYTHON``
+#: ``txjournal._speedups``. They are unless the extension cannot be imported
+#: (a checkout used without installing it: installing builds it, and fails
+#: without a C compiler) or the environment variable ``TXJOURNAL_PURE_PYTHON``
 #: asks for the reference code here, which is how the tests run both.
 SPEEDUPS = False
 decode_run = _py_decode_run

@@ -102,10 +102,13 @@ class JournalService(Service, Generic[M]):
         and triggers a full pass every few thousand commands (measured:
         15% of the CPU at 1,000 callers, 1% with this). Frozen objects are
         still freed by reference counting; only reference *cycles* among
-        them that become garbage are not reclaimed until the service stops
-        (it unfreezes them), so a model with cycles may keep up to its
-        start-up size of such garbage (``gc.unfreeze()`` and ``gc.collect()``
-        at a quiet time reclaim it; or pass ``False``).
+        them that become garbage are not reclaimed until the service stops,
+        so a model with cycles may keep up to its start-up size of such
+        garbage (``gc.unfreeze()`` and ``gc.collect()`` at a quiet time
+        reclaim it; or pass ``False``). Several services in one process
+        share the tuning: the last one to stop unfreezes and puts the
+        threshold back, and a service started after that first runs a full
+        pass, so a restarted service does not keep its predecessor's model.
     :param journal: a journal backend to use instead of the file journal
         under ``datadir``.
     :param snapshots: a snapshot store to use instead of files under
@@ -257,7 +260,7 @@ class JournalService(Service, Generic[M]):
                 f"missing; see the warnings above and run 'python -m txjournal verify'"
             )
         if self.tune_gc:
-            _tune_gc(self.log)
+            _gc_tuning.acquire(self.log)
             self._gc_frozen = True
         runner = self._runner_given
         if runner is None:
@@ -288,9 +291,11 @@ class JournalService(Service, Generic[M]):
             self._loop_done = loop.start(self.snapshot_interval, now=False)
         self.log.info(
             "Journal {schema} ready: snapshot at {snap}, {replayed} commands replayed, "
-            "next sequence number {seq}",
+            "next sequence number {seq}; inline commit {inline}, garbage collector "
+            "tuning {tuned}",
             schema=self.schema.name, snap=snap_seq, replayed=self.replayed,
-            seq=journal.next_seq,
+            seq=journal.next_seq, inline="on" if inline else "off",
+            tuned="on" if self._gc_frozen else "off",
         )
 
     def _start_thread(self, name: str) -> WriterThread:
@@ -474,10 +479,8 @@ class JournalService(Service, Generic[M]):
             self._lock = None
         self._engine = None
         if self._gc_frozen:
-            # What was frozen at start-up is the collector's again: cycles
-            # among it that became garbage meanwhile are reclaimed now.
             self._gc_frozen = False
-            gc.unfreeze()
+            _gc_tuning.release()
 
     # -- commands and queries -----------------------------------------------------
 
@@ -586,7 +589,13 @@ class JournalService(Service, Generic[M]):
         # On the writer thread: segments are the writer's to change.
         return runner(journal.prune, kept[-1]).addCallbacks(pruned, failed)
 
-    def _scheduled_snapshot(self) -> Deferred[Any]:
+    def _scheduled_snapshot(self) -> Deferred[Any] | None:
+        engine = self._engine
+        if engine is not None and engine.failed is not None:
+            # Stopped after a write error (already logged as critical): the
+            # disk is likely the cause, and retrying every interval would
+            # only add a failure to the log each time. snapshot() still works.
+            return None
         d = self._take_snapshot()
         # A failed snapshot must not stop the schedule; it was logged.
         d.addErrback(lambda _: None)
@@ -687,23 +696,65 @@ class JournalService(Service, Generic[M]):
 GC_THRESHOLD0 = 50_000
 
 
-def _tune_gc(log: Logger) -> None:
-    """See :class:`JournalService`'s ``tune_gc``."""
-    started = time.monotonic()
-    # The young generations only: replay's garbage is there, and a full pass
-    # would walk the whole heap (the model included) at every start, which
-    # a process that starts services repeatedly (a test suite) pays dearly.
-    gc.collect(1)
-    gc.freeze()
-    threshold0, threshold1, threshold2 = gc.get_threshold()
-    if 0 < threshold0 < GC_THRESHOLD0:
-        gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
-    # (Not gc.get_freeze_count(): it walks every frozen object.)
-    log.info(
-        "Garbage collector tuned for a long-lived model: objects alive frozen in "
-        "{took:.3f}s, first-generation threshold {threshold}",
-        took=time.monotonic() - started, threshold=gc.get_threshold()[0],
-    )
+class _GCTuning:
+    """
+    The collector's settings are process-wide, so ``tune_gc`` is counted
+    across the services of a process: the first to start saves the
+    threshold, each one freezes what it loaded, and only the last to stop
+    unfreezes and puts the threshold back. Without the count, one service
+    stopping would thaw another's model, and the raised threshold would
+    outlive every service.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.saved: tuple[int, int, int] | None = None
+        self.ours: tuple[int, int, int] | None = None
+        # Set when objects frozen earlier were handed back: garbage cycles
+        # among them (a stopped service's model) sit in the oldest
+        # generation, and freezing again without a full pass would keep
+        # them for good.
+        self.thawed = False
+
+    def acquire(self, log: Logger) -> None:
+        started = time.monotonic()
+        if self.thawed:
+            gc.collect()
+            self.thawed = False
+        else:
+            # The young generations only: replay's garbage is there, and a
+            # full pass would walk the whole heap (the model included).
+            gc.collect(1)
+        gc.freeze()
+        if self.users == 0:
+            self.saved = gc.get_threshold()
+            threshold0, threshold1, threshold2 = self.saved
+            if 0 < threshold0 < GC_THRESHOLD0:
+                gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
+            self.ours = gc.get_threshold()
+        self.users += 1
+        # (Not gc.get_freeze_count(): it walks every frozen object.)
+        log.info(
+            "Garbage collector tuned for a long-lived model: objects alive frozen in "
+            "{took:.3f}s, first-generation threshold {threshold}",
+            took=time.monotonic() - started, threshold=gc.get_threshold()[0],
+        )
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        # What was frozen is the collector's again: cycles among it that
+        # became garbage are reclaimed by the next full pass.
+        gc.unfreeze()
+        self.thawed = True
+        # The threshold goes back unless someone else has changed it since.
+        if self.saved is not None and gc.get_threshold() == self.ours:
+            gc.set_threshold(*self.saved)
+        self.saved = self.ours = None
+
+
+_gc_tuning = _GCTuning()
 
 
 def load_newest_snapshot(

@@ -244,6 +244,12 @@ class FileJournal:
             if i == last:
                 self._tail_path = path
                 self._size = end
+                if not self.readonly and self._fd is None and end < self.segment_size:
+                    # Opened now, not at the first append: a segment that
+                    # cannot be written (permissions, an immutable file) then
+                    # stops start-up with its name, instead of a service
+                    # that reports ready and fails its first command.
+                    self._fd = self._fs.open_append(path)
             # Let go of this segment before reading the next: else both are in
             # memory while the read runs, and peak memory is two segments.
             data = b""
