@@ -667,6 +667,23 @@ def test_tune_gc_a_restarted_service_does_not_keep_its_predecessors_model(
     again.stopService()
 
 
+def test_tune_gc_a_restart_beside_a_running_service_does_not_keep_the_old_model(
+    gc_settings: Any,
+) -> None:
+    import weakref
+
+    other = make()
+    journal, store = MemoryJournal(), MemorySnapshotStore()
+    svc = make(journal, store, schema=cyclic, snapshot_on_stop=False)
+    first = weakref.ref(svc.model)
+    svc.stopService()
+    del svc
+    again = make(journal, store, schema=cyclic, snapshot_on_stop=False)
+    assert first() is None
+    again.stopService()
+    other.stopService()
+
+
 def test_tune_gc_is_shared_by_the_services_of_a_process(gc_settings: Any) -> None:
     import gc
 

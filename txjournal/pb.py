@@ -181,13 +181,9 @@ def _translate(
     if isinstance(e, (UnknownCommand, UnknownQuery, InvalidArguments, CommandEncodeError)):
         return RemoteArgumentError(text, error_type, text)
     if isinstance(e, JournalWriteError):
-        # Includes JournalFailed. The engine logged it as critical already.
-        return ServiceUnavailable(
-            f"the journal stopped after a write error; the outcome of {kind} {name!r} "
-            f"may be unknown: {text}",
-            error_type,
-            text,
-        )
+        # Includes JournalFailed ("not written: ..."); each says what became
+        # of the command itself. The engine logged it as critical already.
+        return ServiceUnavailable(f"{kind} {name!r}: {text}", error_type, text)
     if isinstance(e, (NotRunning, JournalOverloaded)):
         return ServiceUnavailable(text, error_type, text)
     if isinstance(e, ReadOnlyReplica):

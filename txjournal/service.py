@@ -102,7 +102,8 @@ class JournalService(Service, Generic[M]):
         and triggers a full pass every few thousand commands (measured:
         15% of the CPU at 1,000 callers, 1% with this). Frozen objects are
         still freed by reference counting; only reference *cycles* among
-        them that become garbage are not reclaimed until the service stops,
+        them that become garbage are not reclaimed until a service of the
+        process stops and another starts, or the last one stops,
         so a model with cycles may keep up to its start-up size of such
         garbage (``gc.unfreeze()`` and ``gc.collect()`` at a quiet time
         reclaim it; or pass ``False``). Several services in one process
@@ -719,6 +720,9 @@ class _GCTuning:
     def acquire(self, log: Logger) -> None:
         started = time.monotonic()
         if self.thawed:
+            # Running services' models are thawed for this one pass too:
+            # what a lone restart pays anyway.
+            gc.unfreeze()
             gc.collect()
             self.thawed = False
         else:
@@ -741,13 +745,17 @@ class _GCTuning:
         )
 
     def release(self) -> None:
+        if self.users <= 0:
+            return
         self.users -= 1
+        # The stopped service's model is among the frozen objects: the next
+        # start, while others run, must thaw and collect before it freezes.
+        self.thawed = True
         if self.users > 0:
             return
         # What was frozen is the collector's again: cycles among it that
         # became garbage are reclaimed by the next full pass.
         gc.unfreeze()
-        self.thawed = True
         # The threshold goes back unless someone else has changed it since.
         if self.saved is not None and gc.get_threshold() == self.ours:
             gc.set_threshold(*self.saved)
