@@ -651,11 +651,13 @@ class Cyclic:
 cyclic: Schema[Cyclic] = Schema("cyclic", model=Cyclic)
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-another"])
 def test_tune_gc_a_restarted_service_does_not_keep_its_predecessors_model(
-    gc_settings: Any,
+    gc_settings: Any, beside: bool
 ) -> None:
     import weakref
 
+    other = make() if beside else None
     journal, store = MemoryJournal(), MemorySnapshotStore()
     svc = make(journal, store, schema=cyclic, snapshot_on_stop=False)
     first = weakref.ref(svc.model)
@@ -665,23 +667,8 @@ def test_tune_gc_a_restarted_service_does_not_keep_its_predecessors_model(
     # Frozen again without a full pass, the old model would live for good.
     assert first() is None
     again.stopService()
-
-
-def test_tune_gc_a_restart_beside_a_running_service_does_not_keep_the_old_model(
-    gc_settings: Any,
-) -> None:
-    import weakref
-
-    other = make()
-    journal, store = MemoryJournal(), MemorySnapshotStore()
-    svc = make(journal, store, schema=cyclic, snapshot_on_stop=False)
-    first = weakref.ref(svc.model)
-    svc.stopService()
-    del svc
-    again = make(journal, store, schema=cyclic, snapshot_on_stop=False)
-    assert first() is None
-    again.stopService()
-    other.stopService()
+    if other is not None:
+        other.stopService()
 
 
 def test_tune_gc_is_shared_by_the_services_of_a_process(gc_settings: Any) -> None:

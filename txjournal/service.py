@@ -108,8 +108,9 @@ class JournalService(Service, Generic[M]):
         garbage (``gc.unfreeze()`` and ``gc.collect()`` at a quiet time
         reclaim it; or pass ``False``). Several services in one process
         share the tuning: the last one to stop unfreezes and puts the
-        threshold back, and a service started after that first runs a full
-        pass, so a restarted service does not keep its predecessor's model.
+        threshold back, and a service started after any has stopped first
+        runs a full pass, so a restarted service does not keep its
+        predecessor's model.
     :param journal: a journal backend to use instead of the file journal
         under ``datadir``.
     :param snapshots: a snapshot store to use instead of files under
@@ -591,15 +592,13 @@ class JournalService(Service, Generic[M]):
         return runner(journal.prune, kept[-1]).addCallbacks(pruned, failed)
 
     def _scheduled_snapshot(self) -> Deferred[Any] | None:
-        engine = self._engine
-        if engine is not None and engine.failed is not None:
-            # Stopped after a write error (already logged as critical): the
-            # disk is likely the cause, and retrying every interval would
-            # only add a failure to the log each time. snapshot() still works.
-            return None
-        d = self._take_snapshot()
-        # A failed snapshot must not stop the schedule; it was logged.
-        d.addErrback(lambda _: None)
+        # None after a write error (already logged as critical): the disk is
+        # likely the cause, and retrying every interval would only add a
+        # failure to the log each time. snapshot() still works.
+        d = self._snapshot_if_healthy()
+        if d is not None:
+            # A failed snapshot must not stop the schedule; it was logged.
+            d.addErrback(lambda _: None)
         return d
 
     def _take_snapshot(self) -> Deferred[int]:
