@@ -142,6 +142,8 @@ async def test_a_lost_listening_connection_falls_back_to_polling_and_listens_aga
     replica = cluster.replica(poll_interval=0.05)
     await writer.execute(Deposit("alice", 1))
     await within(replica.when_applied(1))
+    # The LISTEN connection opens in a thread; the first poll may apply seq 1 before it.
+    await until(lambda: replica._listener is not None)
     listener = replica._listener
     assert listener is not None
     sql("SELECT pg_terminate_backend(%s)", (listener.conn.info.backend_pid,))
@@ -153,7 +155,7 @@ async def test_a_lost_listening_connection_falls_back_to_polling_and_listens_aga
     await writer.execute(Deposit("alice", 1))
     await within(replica.when_applied(3))
     assert replica.model.accounts == {"alice": 3}
-    assert replica.wakeups >= woken
+    await until(lambda: replica.wakeups > woken)  # the new connection delivers NOTIFYs
 
 
 async def until(condition: Callable[[], bool], seconds: float = WAIT) -> None:
