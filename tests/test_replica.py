@@ -70,6 +70,19 @@ async def test_replica_starts_from_a_snapshot(cluster: Cluster) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_second_start_is_refused_and_the_replica_keeps_following(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await history(writer)
+    replica = cluster.replica()
+    with pytest.raises(RuntimeError, match="already running"):
+        replica.startService()
+    assert replica.following
+    await writer.execute(Deposit("carol", 9))
+    await replica.when_applied(last_seq(writer))
+    assert replica.model.accounts == writer.model.accounts
+
+
+@pytest_twisted.ensureDeferred
 async def test_replica_refuses_commands_naming_the_writer(cluster: Cluster) -> None:
     writer = cluster.writer()
     await writer.execute(Deposit("alice", 1))

@@ -781,3 +781,41 @@ def test_a_failed_shared_snapshot_fails_every_caller_and_frees_the_lock(
     svc.snapshot()
     manual_runner.release()
     assert store.list() == [2, 1]
+
+
+def test_a_second_start_is_refused_and_leaves_the_running_journal_alone(tmp_path: Any) -> None:
+    svc = JournalService(
+        bank, datadir=str(tmp_path / "data"), reactor=Clock(), runner=sync_runner,
+        snapshot_interval=None,
+    )
+    svc.startService()
+    assert outcome(svc.execute(Deposit("a", 5))) == 5
+    with pytest.raises(RuntimeError, match="already running"):
+        svc.startService()
+    # Still the writer, still holding its lock: nothing was torn down.
+    assert outcome(svc.execute(Deposit("a", 1))) == 6
+    from txjournal import DataDirLocked
+
+    with pytest.raises(DataDirLocked):
+        JournalService(bank, datadir=str(tmp_path / "data"), reactor=Clock()).startService()
+    assert outcome(svc.stopService()) is None
+
+
+def test_a_start_while_stopping_is_refused_until_the_stop_has_finished() -> None:
+    runner = ManualRunner()
+    journal = MemoryJournal()
+    svc = make(journal=journal, runner=runner, snapshot_on_stop=False)
+    pending = svc.execute(Deposit("a", 5))
+    stopped: list[Any] = []
+    svc.stopService().addBoth(stopped.append)
+    assert stopped == []  # waits for the command in flight
+    with pytest.raises(RuntimeError, match="still stopping"):
+        svc.startService()
+    runner.release_all()
+    assert outcome(pending) == 5
+    assert stopped == [None]
+    svc.startService()  # now it may
+    assert svc.model.accounts == {"a": 5}
+    again = svc.execute(Deposit("a", 1))
+    runner.release_all()
+    assert outcome(again) == 6

@@ -398,6 +398,8 @@ class ReplicaService(Service, Generic[M]):
     # -- life cycle ---------------------------------------------------------------
 
     def startService(self) -> None:
+        if self.running:
+            raise RuntimeError("the replica is already running")
         try:
             self._start()
         except BaseException:

@@ -218,6 +218,16 @@ class JournalService(Service, Generic[M]):
     # -- life cycle ---------------------------------------------------------------
 
     def startService(self) -> None:
+        if self._engine is not None:
+            # A second start would take the lock it already holds, fail, and
+            # tear down the running journal on its way out; a start while a
+            # stop is finishing would be torn down by that stop.
+            raise RuntimeError(
+                "the journal service is already running"
+                if self.running
+                else "the journal service is still stopping: start it again once the "
+                "Deferred from stopService() has fired"
+            )
         try:
             self._start()
         except BaseException:
