@@ -42,7 +42,9 @@ from txjournal.errors import (
     JournalFailed,
     JournalOverloaded,
     JournalWriteError,
+    NothingWritten,
     NotRunning,
+    describe_os_error,
 )
 from txjournal.interfaces import IJournal
 from txjournal.schema import Context, Schema
@@ -470,21 +472,28 @@ class Engine(Generic[M]):
     def _flush_failed(self, failure: Failure, batch: list[_Pending]) -> None:
         self._flushing = False
         cause: BaseException = failure.value  # type: ignore[assignment]
-        err = JournalWriteError(
-            f"writing the journal failed ({describe_os_error(cause)}); the outcome of "
-            f"commands {batch[0][1]}..{batch[-1][1]} is unknown and they were not "
-            f"applied. The journal accepts no more commands: fix the cause and "
-            f"restart the service, which recovers exactly what reached the disk"
-        )
+        span = f"{batch[0][1]}..{batch[-1][1]}"
+        if isinstance(cause, NothingWritten):
+            err = JournalWriteError(
+                f"commands {span} were not written and not applied: {cause}. The "
+                f"journal accepts no more commands: fix the cause and restart the service"
+            )
+            why = f"{cause}, before writing commands {span}"
+        else:
+            err = JournalWriteError(
+                f"writing the journal failed ({describe_os_error(cause)}); the outcome of "
+                f"commands {span} is unknown and they were not applied. The journal "
+                f"accepts no more commands: fix the cause and restart the service, "
+                f"which recovers exactly what reached the disk"
+            )
+            why = f"{describe_os_error(cause)}, writing commands {span}"
         err.__cause__ = cause
         self._failed = err
-        self._failed_why = (
-            f"{describe_os_error(cause)}, writing commands {batch[0][1]}..{batch[-1][1]}"
-        )
+        self._failed_why = why
         self.log.critical(
             "Journal write failed: {cause}. No more commands are accepted; queries "
             "still work. Restart the service once the cause is fixed.",
-            cause=describe_os_error(cause),
+            cause=why,
         )
         waiting, self._batch = self._batch, []
         self._parts = []
@@ -512,11 +521,3 @@ def _user_bytes(name_bytes: bytes, user: str | None, payload: bytes, what: str) 
             f"{what} would be {body_size} bytes, over the limit of {rec.MAX_RECORD_SIZE} bytes"
         )
     return user_bytes
-
-
-def describe_os_error(e: BaseException) -> str:
-    import errno
-
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"the disk is full: {e}"
-    return f"{type(e).__name__}: {e}"

@@ -8,6 +8,7 @@ start-up time, with nothing but the message to go on.
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -97,6 +98,16 @@ class JournalWriteError(TxJournalError):
     """
 
 
+class NothingWritten(TxJournalError):
+    """
+    A journal failed a batch before writing any byte of it (say, the new
+    segment it needed could not be created), so its commands are known not
+    to be in the journal; the cause is ``__cause__``. The engine still stops
+    (as for any write error) but tells callers their commands were not
+    written instead of "outcome unknown".
+    """
+
+
 class JournalFailed(JournalWriteError):
     """The journal stopped after a write error; it accepts no more commands."""
 
@@ -151,3 +162,10 @@ class WriterActive(TxJournalError):
     over (``twistd journal --take-over``, ``python -m txjournal promote
     --take-over``), which fences it.
     """
+
+
+def describe_os_error(e: BaseException) -> str:
+    """An I/O error as an operator should read it: a full disk said plainly."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full: {e}"
+    return f"{type(e).__name__}: {e}"

@@ -96,7 +96,9 @@ class IJournal(Interface):
         """
         Durably append encoded records ``first_seq..last_seq`` (blocking; run
         on the writer thread). Raises :class:`OSError` on failure, after
-        which the journal accepts nothing more.
+        which the journal accepts nothing more, or
+        :class:`~txjournal.errors.NothingWritten` when it failed before
+        writing any byte of the batch (callers are then told so).
         """
 
     def prune(upto_seq: int) -> list[str]:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txjournal import record as rec
-from txjournal.errors import JournalCorrupt
+from txjournal.errors import JournalCorrupt, NothingWritten, describe_os_error
 from txjournal.fs import OSFileSystem, write_all
 from txjournal.interfaces import IFileSystem, IJournal
 
@@ -310,7 +310,13 @@ class FileJournal:
             raise ValueError(f"append of {first_seq} but the journal expects {self.next_seq}")
         fs = self._fs
         if self._fd is None or self._size >= self.segment_size:
-            self._open_for_append(first_seq)
+            try:
+                self._open_for_append(first_seq)
+            except OSError as e:
+                raise NothingWritten(
+                    f"opening the journal segment for sequence number {first_seq} in "
+                    f"{self.directory} failed ({describe_os_error(e)})"
+                ) from e
         assert self._fd is not None
         write_all(fs, self._fd, data)
         if self.sync:
