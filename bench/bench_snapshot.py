@@ -21,6 +21,11 @@ is executed (so there is something to snapshot), and:
 - snapshot: the same heartbeat and caller while ``JournalService.snapshot()``
   runs; the longest gap is the longest the reactor was stalled, and the
   caller's latencies show whether commands kept flowing;
+- replay process: the same heartbeat and caller while ``snapshot()`` runs
+  with ``snapshot_app`` set, so a new process loads the snapshot just
+  written, replays the commands since and writes the next one (the reactor
+  only starts it); the five longest gaps and when they began are kept in
+  the JSON for both kinds of snapshot;
 - baseline: a bare ``pickle.dumps`` of the same model on the reactor thread
   (what a naive snapshot would stall for).
 
@@ -55,26 +60,14 @@ from common import (
     percentile,
     scratch_dir,
 )
+from snapmodel import MODEL, Touch, snapschema
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater, react
 
-from txjournal import Context, JournalService, Schema
+from txjournal import JournalService
 
-_MODEL: list[dict[str, Any]] = []
-
-snapschema: Schema[dict[str, Any]] = Schema("benchsnapshot", model=lambda: _MODEL[0])
-
-
-@snapschema.command("touch")
-@dataclass
-class Touch:
-    """Record that something happened; returns the sequence number."""
-
-    n: int
-
-    def execute(self, model: dict[str, Any], ctx: Context) -> int:
-        model["touched"] = self.n
-        return ctx.seq
+#: The benchmark's schema by import path, for the replay-process snapshot.
+REPLAY_APP = "snapmodel:snapschema"
 
 
 @dataclass
@@ -130,6 +123,11 @@ class Heartbeat:
         """Gaps ending after t0 and starting before t1, in ms, sorted."""
         return sorted((b - a) * 1e3 for a, b in self.ticks if b > t0 and a < t1)
 
+    def longest(self, t0: float, t1: float, n: int = 5) -> list[tuple[float, float]]:
+        """The ``n`` longest gaps in the window: (ms, when it began, s after t0)."""
+        gaps = [((b - a) * 1e3, a - t0) for a, b in self.ticks if b > t0 and a < t1]
+        return [(round(ms, 1), round(at, 3)) for ms, at in sorted(gaps, reverse=True)[:n]]
+
 
 class Caller:
     """One caller executing Touch in a loop; latencies with their end times."""
@@ -170,13 +168,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     try:
         log(f"snapshot: building a model of about {mib} MiB")
         model, entries, model_mib, build_seconds = build_model(mib)
-        _MODEL.append(model)
+        MODEL.append(model)
         log(f"snapshot: {entries:,} entries, RSS grew {model_mib:.0f} MiB in {build_seconds:.1f} s")
         datadir = os.path.join(directory, "data")
         service = JournalService(snapschema, datadir=datadir, sync=True,
                                  snapshot_interval=None, snapshot_on_stop=False,
-                                 keep_snapshots=1)
+                                 keep_snapshots=1, snapshot_app=REPLAY_APP)
         service.startService()
+        service.snapshot_app = None  # the default first: a forked child
         assert service.model is model
         await service.execute(Touch(0))
 
@@ -191,11 +190,21 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         seq = await service.snapshot()
         snap_t1 = time.perf_counter()
         pause_ms = service.last_snapshot_pause * 1e3
+        snap_bytes = dir_bytes(os.path.join(datadir, "snapshots"))
+        await deferLater(reactor, 0.2, lambda: None)
+
+        # The same again, written by a process that loads the snapshot just
+        # written and replays the commands since (snapshot_app).
+        service.snapshot_app = REPLAY_APP
+        replay_t0 = time.perf_counter()
+        replay_seq = await service.snapshot()
+        replay_t1 = time.perf_counter()
+        replay_pause_ms = service.last_snapshot_pause * 1e3
+        replay_bytes = dir_bytes(os.path.join(datadir, "snapshots"))
         await deferLater(reactor, 0.05, lambda: None)
         caller.running = False
         await caller.done
         heartbeat.stop()
-        snap_bytes = dir_bytes(os.path.join(datadir, "snapshots"))
         await service.stopService()
 
         common_extra = {"model_mib": round(model_mib), "entries": entries}
@@ -221,7 +230,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                   f"on disk; the fork paused the reactor {pause_ms:.1f} ms; "
                   f"p50/p99/max ms = heartbeat gaps during the snapshot"),
             extra=dict(common_extra, snapshot_bytes=snap_bytes, commands_during=len(during),
-                       fork_pause_ms=pause_ms,
+                       fork_pause_ms=pause_ms, longest_gaps=heartbeat.longest(snap_t0, snap_t1),
                        command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
         ))
         results.append(Result(
@@ -231,6 +240,30 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             note=(f"one caller executing a small command about every ms; latency while idle "
                   f"p50 {latency_ms(idle_lat)[0]:.2f} ms, max "
                   f"{max(idle_lat, default=0) * 1e3:.1f} ms"),
+            extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
+        ))
+        gaps = heartbeat.gaps_ms(replay_t0, replay_t1)
+        during = caller.between(replay_t0, replay_t1)
+        p50c, p99c = latency_ms(during) if during else (float("nan"), float("nan"))
+        results.append(Result(
+            "snapshot_replay", f"snapshot {mib} MiB: snapshot() with snapshot_app (replay process)",
+            1, replay_t1 - replay_t0, None, percentile(gaps, 50), percentile(gaps, 99),
+            gaps[-1] if gaps else None, group="snapshot",
+            note=(f"snapshot at seq {replay_seq} written by a new process that loaded the "
+                  f"snapshot at {seq} and replayed {replay_seq - seq} commands: "
+                  f"{replay_bytes / 2**20:.0f} MiB on disk; starting it paused the reactor "
+                  f"{replay_pause_ms:.1f} ms; p50/p99/max ms = heartbeat gaps meanwhile"),
+            extra=dict(common_extra, snapshot_bytes=replay_bytes, commands_during=len(during),
+                       start_pause_ms=replay_pause_ms, replayed=replay_seq - seq,
+                       longest_gaps=heartbeat.longest(replay_t0, replay_t1),
+                       command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
+        ))
+        results.append(Result(
+            "snapshot_replay_commands",
+            f"snapshot {mib} MiB: commands during the replay-process snapshot",
+            len(during), replay_t1 - replay_t0, len(during) / (replay_t1 - replay_t0), p50c, p99c,
+            max(during, default=0) * 1e3, group="snapshot",
+            note="one caller executing a small command about every ms",
             extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
         ))
         for r in results:

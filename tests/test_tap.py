@@ -203,6 +203,8 @@ def test_world_readable_users_file(users_file: str) -> None:
         (["--pb", "tpc:8789"], "unknown endpoint type 'tpc'"),
         (["--pb", "tcp:notaport"], "not a usable endpoint"),
         (["--pb", "ssl:8789:privateKey=/no/such/key.pem"], "not a usable endpoint"),
+        (["--snapshot-replay", "--journal", "sqlite:///x.db"], "--snapshot-replay is for a writer"),
+        (["--snapshot-replay", "--snapshots", "sqlite:///x.db"], "--snapshot-replay is for a writer"),
     ],
 )
 def test_bad_values(argv: list[str], fragment: str, users_file: str) -> None:
@@ -249,6 +251,17 @@ def test_make_service_defaults_and_no_pb(tmp_path: Path) -> None:
     assert journal.sync is True
     assert journal.snapshot_interval == 300.0
     assert journal.snapshot_on_stop is True
+    assert journal.snapshot_app is None
+
+
+def test_snapshot_replay_names_the_app(tmp_path: Path) -> None:
+    options = parse(
+        "--app", "examples.bank:bank", "--no-pb", "--datadir", str(tmp_path / "d"),
+        "--snapshot-replay",
+    )
+    (journal,) = list(makeService(options))
+    assert isinstance(journal, JournalService)
+    assert journal.snapshot_app == "examples.bank:bank"
 
 
 @pytest.mark.timeout(30)

@@ -67,7 +67,7 @@ def _child(
     parent: int,
 ) -> None:  # pragma: no cover - child process
     code = 1
-    _die_with_parent(parent)
+    die_with_parent(parent)
     try:
         # Background work: on a busy machine the parent's reactor (and its
         # journal writer) must win the CPU over the serializing child.
@@ -98,7 +98,7 @@ def _child(
         os._exit(code)
 
 
-def _die_with_parent(parent: int) -> None:  # pragma: no cover - child process
+def die_with_parent(parent: int) -> None:  # pragma: no cover - child process
     """
     A child outliving a killed service would go on writing into a data
     directory whose LOCK it does not hold (and that a new owner may already
