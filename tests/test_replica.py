@@ -83,6 +83,36 @@ async def test_a_second_start_is_refused_and_the_replica_keeps_following(cluster
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_start_while_the_replica_is_stopping_is_refused(cluster: Cluster) -> None:
+    writer = cluster.writer()
+    await history(writer)
+    replica = cluster.replica()
+    polling = replica._poll()  # a fetch in a thread: the stop waits for it
+    stopped: list[Any] = []
+    replica.stopService().addBoth(stopped.append)
+    assert stopped == []
+    with pytest.raises(RuntimeError, match="still stopping"):
+        replica.startService()
+    await polling
+    await until_true(lambda: stopped == [None])
+    replica.startService()  # now it may
+    await writer.execute(Deposit("carol", 9))
+    await replica.when_applied(last_seq(writer))
+    assert replica.model.accounts == writer.model.accounts
+
+
+async def until_true(condition: Any, seconds: float = 10.0) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    pytest.fail(f"condition not met within {seconds}s")
+
+
+@pytest_twisted.ensureDeferred
 async def test_replica_refuses_commands_naming_the_writer(cluster: Cluster) -> None:
     writer = cluster.writer()
     await writer.execute(Deposit("alice", 1))

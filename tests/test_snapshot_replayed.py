@@ -5,6 +5,7 @@ Snapshots written by a separate process that replays the journal
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -18,8 +19,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from examples.bank import Deposit, Transfer, bank
-from txjournal import JournalService
+from txjournal import DataDirLocked, JournalService, JournalWriteError
 from txjournal.errors import SnapshotError
+from txjournal.fs import OSFileSystem
 from txjournal.journal.memory import MemoryJournal, MemorySnapshotStore
 from txjournal.snapshot import replayed
 from txjournal.snapshot.file import FileSnapshotStore
@@ -62,7 +64,7 @@ async def test_snapshot_under_load_is_exactly_the_model_at_its_sequence_number(t
     at = svc.engine.applied_seq
     expected = dict(svc.model.accounts)
     snapshot = svc.snapshot()
-    assert svc.last_snapshot_pause < 0.05  # it only started a process
+    assert svc.last_snapshot_pause < 0.5  # it only started a process (3 ms here)
     assert await snapshot == at
     running = False
     await gatherResults(callers)
@@ -125,20 +127,24 @@ async def test_a_killed_snapshot_process_fails_the_snapshot_and_nothing_else(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_snapshot_process_reports_its_error(tmp_path: Any) -> None:
+async def test_a_process_that_reports_an_error_is_replaced_by_a_snapshot_of_the_live_model(
+    tmp_path: Any, captured: list[Any]
+) -> None:
     datadir = str(tmp_path / "bank")
     svc = start(datadir)
     await svc.execute(Deposit("a", 1))
-    # Damage the journal behind the running service's back: the child's
-    # replay meets it, says so, and the service carries on.
+    # Damage the journal behind the running service's back: the process's
+    # replay meets it and says so; the live model is still good.
     segment = os.path.join(datadir, "journal", sorted(os.listdir(os.path.join(datadir, "journal")))[0])
     with open(segment, "r+b") as f:
         f.seek(-3, os.SEEK_END)
         f.write(b"\xff\xff\xff")
     await svc.execute(Deposit("a", 1))  # valid data after the damage
-    with pytest.raises(SnapshotError, match="JournalCorrupt"):
-        await svc.snapshot()
-    assert os.listdir(os.path.join(datadir, "snapshots")) == []
+    assert await svc.snapshot() == 2
+    log = texts(captured)
+    assert "JournalCorrupt" in log and "writing a snapshot from the live model instead" in log
+    assert "forked child" in log
+    assert snapshot_model(datadir, 2).accounts == {"a": 2}
     assert svc.engine.failed is None
     await svc.stopService()
 
@@ -160,11 +166,12 @@ def test_the_child_refuses_to_snapshot_beyond_the_journal(tmp_path: Any) -> None
         replayed.write(APP, bank.name, datadir, 5)
 
 
-def report(out: bytes, err: bytes, reason: Exception) -> Any:
+def report(out: bytes, err: bytes, reason: Exception, stdout: bytes = b"") -> Any:
     r = replayed._Report(7)
     r.pid = 1234
-    r.outReceived(out)
-    r.errReceived(err)
+    r.childDataReceived(1, stdout)
+    r.childDataReceived(replayed.REPORT_FD, out)
+    r.childDataReceived(2, err)
     box: list[Any] = []
     r.done.addBoth(box.append)
     r.processEnded(Failure(reason))
@@ -174,7 +181,7 @@ def report(out: bytes, err: bytes, reason: Exception) -> Any:
 def test_report_parsing() -> None:
     assert report(b'{"path": "/x/7.snapshot", "size": 9}', b"", ProcessDone(0)) == ("/x/7.snapshot", 9)
     bad = report(b"", b"Traceback...\nImportError: no module named nope\n", ProcessTerminated(1))
-    assert isinstance(bad.value, SnapshotError)
+    assert isinstance(bad.value, replayed.ProcessFailed)
     assert str(bad.value) == (
         "the snapshot process 1234 failed (exit status 1): ImportError: no module named nope"
     )
@@ -182,6 +189,12 @@ def test_report_parsing() -> None:
     assert "exited without a report: no error output" in str(silent.value)
     killed = report(b"", b"", ProcessTerminated(None, signal.SIGKILL))
     assert str(killed.value) == "the snapshot process 1234 was killed by signal 9"
+    assert not isinstance(killed.value, replayed.ProcessFailed)  # no second try after a kill
+    # What the application prints is not the report.
+    noisy = report(b'{"path": "/x/7.snapshot", "size": 9}', b"", ProcessDone(0), stdout=b"hello\n")
+    assert noisy == ("/x/7.snapshot", 9)
+    printed_only = report(b"", b"", ProcessDone(0), stdout=b'{"path": "/evil", "size": 1}')
+    assert "exited without a report" in str(printed_only.value)
 
 
 @pytest.mark.parametrize(
@@ -254,10 +267,11 @@ def test_the_exit_is_found_without_sigchld() -> None:
     clock = Clock()
     r = replayed._Report(3, clock)
     r.transport = _NoSignalTransport(r, exits_after=3)  # type: ignore[assignment]
-    r.outReceived(b'{"path": "/x/3.snapshot", "size": 1}')
+    r.childDataReceived(replayed.REPORT_FD, b'{"path": "/x/3.snapshot", "size": 1}')
     r.childConnectionLost(1)
-    assert r.transport.reaped == 0  # stderr still open
     r.childConnectionLost(2)
+    assert r.transport.reaped == 0  # the report's descriptor still open
+    r.childConnectionLost(replayed.REPORT_FD)
     assert not r.done.called
     clock.advance(0.05)
     assert not r.done.called
@@ -314,3 +328,241 @@ async def test_the_process_finds_the_app_where_the_service_did(
     assert await svc.snapshot() == 10
     await svc.stopService()
     assert snapshot_model(datadir, 10) == {"k": 45}
+
+
+# -- applications that make the process's life harder ------------------------------
+
+APP_TEMPLATE = '''
+from dataclasses import dataclass
+from txjournal import Context, Schema
+{prelude}
+schema = Schema("tally", model=dict)
+
+
+@schema.command("add")
+@dataclass
+class Add:
+    key: str
+    n: int
+
+    def execute(self, model: dict, ctx: Context) -> int:
+        {in_execute}
+        model[self.key] = model.get(self.key, 0) + self.n
+        return model[self.key]
+
+
+@schema.command("fill")
+@dataclass
+class Fill:
+    size: int
+
+    def execute(self, model: dict, ctx: Context) -> None:
+        model["filler"] = b"x" * self.size
+'''
+
+
+def make_app(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str, prelude: str = "",
+    in_execute: str = "pass",
+) -> Any:
+    import importlib
+
+    code = tmp_path / f"code-{name}"
+    code.mkdir()
+    (code / f"{name}.py").write_text(APP_TEMPLATE.format(prelude=prelude, in_execute=in_execute))
+    monkeypatch.syspath_prepend(str(code))
+    return importlib.import_module(name)
+
+
+def capture_spawns(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    spawned: list[Any] = []
+    real_spawn = replayed.spawn
+
+    def spawn(*args: Any) -> Any:
+        report = real_spawn(*args)
+        spawned.append(report)
+        return report
+
+    monkeypatch.setattr(replayed, "spawn", spawn)
+    return spawned
+
+
+async def until(condition: Any, seconds: float = 20.0) -> None:
+    """Wait for a condition nothing signals, checking every 2 ms."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(seconds / 0.002)):
+        if condition():
+            return
+        await deferLater(reactor, 0.002, lambda: None)
+    pytest.fail(f"condition not met within {seconds}s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_application_prints_is_not_taken_for_the_report(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(
+        tmp_path, monkeypatch, "noisy_tally_app", prelude='print("importing, hello")',
+        in_execute='print("executing", self)',
+    )
+    datadir = str(tmp_path / "data")
+    svc = JournalService(
+        app.schema, datadir, snapshot_app="noisy_tally_app:schema", snapshot_on_stop=False,
+        keep_snapshots=1,
+    )
+    svc.startService()
+    for round_ in range(3):
+        for i in range(5):
+            await svc.execute(app.Add("k", i))
+        assert await svc.snapshot() == 5 * (round_ + 1)
+    assert FileSnapshotStore(os.path.join(datadir, "snapshots")).list() == [15]  # pruned
+    assert snapshot_model(datadir, 15) == {"k": 30}
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_thread_the_application_starts_does_not_keep_the_process(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(
+        tmp_path, monkeypatch, "threaded_tally_app",
+        # Only in the snapshot process (whose environment has this variable):
+        # a thread that never ends, which would keep an interpreter from exiting.
+        prelude=(
+            "import os, threading, time\n"
+            "if 'TXJOURNAL_SYS_PATH' in os.environ:\n"
+            "    threading.Thread(target=time.sleep, args=(3600,)).start()"
+        ),
+    )
+    datadir = str(tmp_path / "data")
+    svc = JournalService(
+        app.schema, datadir, snapshot_app="threaded_tally_app:schema", snapshot_on_stop=False,
+        snapshot_timeout=30,
+    )
+    svc.startService()
+    await svc.execute(app.Add("k", 1))
+    assert await svc.snapshot() == 1
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_killed_while_writing_leaves_no_temp_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(tmp_path, monkeypatch, "big_tally_app")
+    spawned = capture_spawns(monkeypatch)
+    datadir = str(tmp_path / "data")
+    snapshots = os.path.join(datadir, "snapshots")
+    svc = JournalService(
+        app.schema, datadir, snapshot_app="big_tally_app:schema", snapshot_on_stop=False,
+    )
+    svc.startService()
+    await svc.execute(app.Fill(200 * 2**20))  # written in synced 2 MiB slices: takes a while
+    snapshot = svc.snapshot()
+    await until(lambda: any(n.startswith(".tmp-") for n in os.listdir(snapshots)))
+    (child,) = spawned
+    os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(SnapshotError, match="killed by signal 9"):
+        await snapshot
+    assert os.listdir(snapshots) == []  # its temp file is gone, nothing else came
+    assert await svc.execute(app.Add("k", 1)) == 1  # the service carries on
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_process_is_killed_after_the_timeout(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = capture_spawns(monkeypatch)
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_timeout=1.0)
+    await svc.execute(Deposit("a", 1))
+    snapshot = svc.snapshot()
+    (child,) = spawned
+    os.kill(child.pid, signal.SIGSTOP)  # hangs, as far as the service can tell
+    with pytest.raises(SnapshotError, match="killed: it did not finish within 1 s"):
+        await snapshot
+    assert not alive(child.pid)  # killed and reaped
+    assert os.listdir(os.path.join(datadir, "snapshots")) == []
+    assert await svc.snapshot() == 1  # the next one works
+    await svc.stopService()
+
+
+class _BreakableFS(OSFileSystem):
+    def __init__(self) -> None:
+        self.broken = False
+
+    def fdatasync(self, fd: int) -> None:
+        if self.broken:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fdatasync(fd)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_a_running_snapshot_process_even_after_a_write_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    spawned = capture_spawns(monkeypatch)
+    fs = _BreakableFS()
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, fs=fs, snapshot_on_stop=True)
+    await svc.execute(Deposit("a", 1))
+    snapshot = svc.snapshot()
+    (child,) = spawned
+    os.kill(child.pid, signal.SIGSTOP)
+    fs.broken = True
+    with pytest.raises(JournalWriteError):
+        await svc.execute(Deposit("a", 1))
+    stopped: list[Any] = []
+    svc.stopService().addBoth(stopped.append)
+    await deferLater(reactor, 0.3, lambda: None)
+    # Still the owner while its snapshot process may write into the directory.
+    assert stopped == []
+    with pytest.raises(DataDirLocked):
+        JournalService(bank, datadir).startService()
+    os.kill(child.pid, signal.SIGCONT)
+    assert await snapshot == 1
+    await until(lambda: stopped == [None])
+    again = start(datadir)
+    assert again.loaded_snapshot_seq == 1
+    await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_snapshot_with_a_pruned_journal_falls_back_to_the_live_model(
+    tmp_path: Any, captured: list[Any]
+) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, keep_snapshots=1, prune_segments=True, segment_size=4096)
+    for i in range(200):
+        await svc.execute(Deposit(f"c{i % 7}", i + 1))
+    assert await svc.snapshot() == 200
+    journal = os.path.join(datadir, "journal")
+    for i in range(200):
+        await svc.execute(Deposit(f"c{i % 7}", 1))
+    assert await svc.snapshot() == 400  # prunes the segments snapshot 400 covers
+    assert min(int(n.split(".")[0]) for n in os.listdir(journal) if n[0].isdigit()) > 1
+    for _ in range(10):
+        await svc.execute(Deposit("c0", 1))
+    path = FileSnapshotStore(os.path.join(datadir, "snapshots")).path(400)
+    with open(path, "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\x00" * 10)
+    expected = dict(svc.model.accounts)
+    assert await svc.snapshot() == 410
+    assert "writing a snapshot from the live model instead" in texts(captured)
+    assert snapshot_model(datadir, 410).accounts == expected
+    await svc.stopService()

@@ -262,6 +262,14 @@ def test_snapshot_replay_names_the_app(tmp_path: Path) -> None:
     (journal,) = list(makeService(options))
     assert isinstance(journal, JournalService)
     assert journal.snapshot_app == "examples.bank:bank"
+    assert journal.snapshot_timeout == 3600.0
+    options = parse(
+        "--app", "examples.bank:bank", "--no-pb", "--datadir", str(tmp_path / "d"),
+        "--snapshot-timeout", "0",
+    )
+    (journal,) = list(makeService(options))
+    assert isinstance(journal, JournalService)
+    assert journal.snapshot_timeout is None
 
 
 @pytest.mark.timeout(30)

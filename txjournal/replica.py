@@ -356,6 +356,8 @@ class ReplicaService(Service, Generic[M]):
         self.writer_options = dict(writer_options or {})
         self.lease_timeout = lease_timeout
         self._listener: _Listener | None = None
+        #: Set while a stop is finishing (a start then is refused).
+        self._stopping: Readiness | None = None
         self._listening: Deferred[None] | None = None
         self._wake_queued = False
         self._wake_again = False
@@ -400,6 +402,12 @@ class ReplicaService(Service, Generic[M]):
     def startService(self) -> None:
         if self.running:
             raise RuntimeError("the replica is already running")
+        if self._stopping is not None:
+            # That stop will close the journal and store a start opens now.
+            raise RuntimeError(
+                "the replica is still stopping: start it again once the Deferred "
+                "from stopService() has fired"
+            )
         try:
             self._start()
         except BaseException:
@@ -435,6 +443,19 @@ class ReplicaService(Service, Generic[M]):
         return load_newest_snapshot(self.schema, self.snapshots, self.serializer, self.log)
 
     def stopService(self) -> Deferred[None]:
+        if self._stopping is not None:
+            return self._stopping.wait()
+        stopping = self._stopping = Readiness()
+        d = self._stop_service()
+
+        def stopped(result: object) -> object:
+            self._stopping = None
+            stopping.succeeded()
+            return result
+
+        return d.addBoth(stopped)
+
+    def _stop_service(self) -> Deferred[None]:
         Service.stopService(self)
         self._stop_listening()
         promoting = self._promoting

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -48,11 +49,13 @@ from txjournal.record import KIND_COMMAND, KIND_QUERY, RecordTuple
 from txjournal.replaying import Plan, apply_run
 from txjournal.schema import Context, Schema
 from txjournal.snapshot import fork as forked
+from txjournal.snapshot import replayed
 from txjournal.snapshot.file import FileSnapshotStore
 from txjournal.snapshot.serializer import PickleSerializer
 from txjournal.writer import WriterThread
 
 M = TypeVar("M")
+_T = TypeVar("_T")
 
 _PROGRESS_EVERY = 5.0  # seconds between progress messages during replay
 
@@ -86,7 +89,15 @@ class JournalService(Service, Generic[M]):
         CPU and time of that load and replay, and memory for a second model
         while the process runs. The process imports the application anew:
         like a restart, it replays with the code on disk. Takes precedence
-        over ``snapshot_fork``. See :mod:`txjournal.snapshot.replayed`.
+        over ``snapshot_fork``. See :mod:`txjournal.snapshot.replayed`. If the
+        process reports an error of its own (the application does not
+        import, the journal it needs was pruned past a damaged snapshot),
+        that snapshot is written from the live model instead (forked or
+        not, as ``snapshot_fork`` says), with a warning.
+    :param snapshot_timeout: seconds after which a snapshot process (forked
+        or replaying) is killed and its snapshot fails, so that a hung one
+        cannot stop snapshots or ``stopService`` for ever; ``None`` for no
+        limit.
     :param audit_queries: record every named query in the journal (who,
         which query, arguments, time) as a record that replay skips.
         Queries registered with ``audit=True`` are recorded regardless.
@@ -148,6 +159,7 @@ class JournalService(Service, Generic[M]):
         audit_queries: bool = False,
         snapshot_fork: bool = True,
         snapshot_app: str | None = None,
+        snapshot_timeout: float | None = 3600.0,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
         inline_commit: bool = True,
@@ -186,6 +198,7 @@ class JournalService(Service, Generic[M]):
             if serializer is not None and not isinstance(serializer, PickleSerializer):
                 raise ValueError("snapshot_app writes snapshots with the default serializer")
         self.snapshot_app = snapshot_app
+        self.snapshot_timeout = snapshot_timeout
         self.segment_size = segment_size
         self.max_pending = max_pending
         self.inline_commit = inline_commit
@@ -489,11 +502,15 @@ class JournalService(Service, Generic[M]):
         d.addCallback(lambda _: engine.wait_idle())
         if self.snapshot_on_stop:
             d.addCallback(lambda _: self._snapshot_if_healthy())
-        else:
-            # Let a snapshot in flight finish (and its pruning run) while the
-            # threads still exist, instead of joining them on the reactor thread.
-            d.addCallback(lambda _: self._snapshot_lock.acquire())
-            d.addCallback(lambda lock: lock.release())
+
+        def snapshots_done(result: object) -> Deferred[object]:
+            # Whatever happened above: let a snapshot in flight finish (its
+            # process may be writing into the data directory, and its pruning
+            # needs the threads) before the lock and the threads are let go.
+            lock = self._snapshot_lock
+            return lock.acquire().addCallback(lambda _: lock.release()).addCallback(lambda _: result)
+
+        d.addBoth(snapshots_done)
         d.addErrback(lambda f: self.log.failure("Error while stopping the journal", f))
         d.addBoth(lambda _: self._release())
         return d
@@ -687,7 +704,7 @@ class JournalService(Service, Generic[M]):
 
         return self._write_snapshot().addBoth(share)
 
-    def _write_snapshot(self) -> Deferred[int]:
+    def _write_snapshot(self, by_process: bool = True) -> Deferred[int]:
         engine, store = self._engine, self._store
         if engine is None or store is None:
             return fail(NotRunning("the journal service is not running"))
@@ -697,36 +714,9 @@ class JournalService(Service, Generic[M]):
         runner = self._snapshot_runner
         assert runner is not None
         keep = self.keep_snapshots
+        if by_process and self.snapshot_app is not None and isinstance(store, FileSnapshotStore):
+            return self._write_by_process(store, seq, runner)
         started = time.monotonic()
-        if self.snapshot_app is not None and isinstance(store, FileSnapshotStore):
-            # Imported here: the process runs it as __main__ (python -m), which
-            # must not find it imported already by "import txjournal".
-            from txjournal.snapshot import replayed
-
-            assert self.datadir is not None
-            try:
-                child = replayed.spawn(
-                    self._get_reactor(), self.snapshot_app, self.schema.name, self.datadir, seq
-                )
-            except Exception as e:
-                self.log.failure("Snapshot at {seq} failed: cannot start its process", seq=seq)
-                return fail(SnapshotError(f"cannot start the snapshot process: {e}"))
-            stall = self.last_snapshot_pause = time.monotonic() - started
-            how = f"replayed by process {child.pid}"
-
-            def prune(written: tuple[str, int]) -> Deferred[tuple[str, int, list[int]]]:
-                return runner(lambda: (*written, store.prune(keep)))
-
-            def discard(f: Failure) -> Failure:
-                store.discard_temp(seq)  # a process killed mid-write leaves its temp file
-                return f
-
-            done: Deferred[Any] = child.done
-            done.addErrback(discard)
-            done.addCallback(prune)
-            return done.addCallbacks(
-                self._snapshot_saved(store, seq, how, stall), self._snapshot_failed(seq)
-            )
         if self._use_fork(store):
             try:
                 pid, pipe = forked.start(engine.model, seq, self.serializer, self.schema, store)
@@ -734,14 +724,20 @@ class JournalService(Service, Generic[M]):
                 self.log.failure("Snapshot at {seq} failed: cannot fork", seq=seq)
                 return fail(SnapshotError(f"cannot fork the snapshot process: {e}"))
             how = f"forked child {pid}"
+            deadline = self._deadline(lambda: os.kill(pid, signal.SIGKILL))
 
             def write() -> tuple[str, int, list[int]]:
                 try:
                     path, size = forked.wait(pid, pipe)
-                except BaseException:
+                except BaseException as e:
                     # A child killed mid-write (the OOM killer) leaves its temp file.
                     if isinstance(store, FileSnapshotStore):
                         store.discard_temp(seq)
+                    if deadline.fired:
+                        raise SnapshotError(
+                            f"the snapshot child process {pid} was killed: it did not "
+                            f"finish within {self.snapshot_timeout:g} s"
+                        ) from e
                     raise
                 return path, size, store.prune(keep)
 
@@ -753,15 +749,74 @@ class JournalService(Service, Generic[M]):
                 self.log.failure("Snapshot at {seq} failed: model cannot be serialized", seq=seq)
                 return fail(SnapshotError(f"model cannot be serialized: {e}"))
             how = "serialized on the reactor thread"
+            deadline = _Deadline(None)
 
             def write() -> tuple[str, int, list[int]]:
                 path = store.save(seq, payload, digest)
                 return path, len(payload), store.prune(keep)
 
         stall = self.last_snapshot_pause = time.monotonic() - started
-        return runner(write).addCallbacks(
+        d = runner(write)
+        d.addBoth(deadline.settled)
+        return d.addCallbacks(
             self._snapshot_saved(store, seq, how, stall), self._snapshot_failed(seq)
         )
+
+    def _deadline(self, kill: Callable[[], object]) -> _Deadline:
+        timeout = self.snapshot_timeout
+        if not timeout:
+            return _Deadline(None)
+        deadline = _Deadline(None)
+
+        def expire() -> None:
+            deadline.fired = True
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
+
+        deadline.call = self._get_reactor().callLater(timeout, expire)
+        return deadline
+
+    def _write_by_process(
+        self, store: FileSnapshotStore, seq: int, runner: Runner
+    ) -> Deferred[int]:
+        assert self.datadir is not None and self.snapshot_app is not None
+        started = time.monotonic()
+        try:
+            child = replayed.spawn(
+                self._get_reactor(), self.snapshot_app, self.schema.name, self.datadir, seq
+            )
+        except Exception as e:
+            self.log.failure("Snapshot at {seq} failed: cannot start its process", seq=seq)
+            return fail(SnapshotError(f"cannot start the snapshot process: {e}"))
+        stall = self.last_snapshot_pause = time.monotonic() - started
+        how = f"replayed by process {child.pid}"
+        keep = self.keep_snapshots
+        deadline = self._deadline(
+            lambda: child.kill(f"it did not finish within {self.snapshot_timeout:g} s")
+        )
+
+        def prune(written: tuple[str, int]) -> Deferred[tuple[str, int, list[int]]]:
+            return runner(lambda: (*written, store.prune(keep)))
+
+        def unsaved(f: Failure) -> Failure | Deferred[int]:
+            store.discard_temp(seq)  # a process killed mid-write leaves its temp file
+            if f.check(replayed.ProcessFailed):
+                # It ran and said what stopped it (the application no longer
+                # imports, the journal it needed was pruned past a damaged
+                # snapshot, ...): the live model is still there to snapshot.
+                self.log.warn(
+                    "Snapshot at {seq}: {error}; writing a snapshot from the live model "
+                    "instead", seq=seq, error=f.getErrorMessage(),
+                )
+                return self._write_snapshot(by_process=False)
+            return self._snapshot_failed(seq)(f)
+
+        done: Deferred[Any] = child.done
+        done.addBoth(deadline.settled)
+        done.addCallback(prune)
+        return done.addCallbacks(self._snapshot_saved(store, seq, how, stall), unsaved)
 
     def _snapshot_saved(
         self, store: ISnapshotStore, seq: int, how: str, stall: float
@@ -786,6 +841,19 @@ class JournalService(Service, Generic[M]):
             return Failure(SnapshotError(f"writing the snapshot at {seq} failed: {f.value}"))
 
         return failed
+
+
+class _Deadline:
+    """A snapshot process's time limit: the call that kills it, and whether it did."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.fired = False
+
+    def settled(self, result: _T) -> _T:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        return result
 
 
 #: The first generation's collection threshold set by ``tune_gc``.

@@ -224,6 +224,7 @@ class Options(usage.Options):
         ["users", None, None, "Users file of name:password:role lines, mode 0600 (required unless --no-pb)."],
         ["snapshot-interval", None, 300.0, "Seconds between snapshots; 0 disables them.", _non_negative_float],
         ["keep-snapshots", None, 3, "How many snapshots to keep.", _positive_int],
+        ["snapshot-timeout", None, 3600.0, "Seconds after which a snapshot process (forked, or replaying with --snapshot-replay) is killed and its snapshot fails; 0 for no limit.", _non_negative_float],
         ["segment-size", None, DEFAULT_SEGMENT_SIZE, "Start a new journal segment after this many bytes.", _positive_int],
     ]
 
@@ -379,6 +380,7 @@ def makeService(options: Options) -> MultiService:
             inline_commit=not options["no-inline-commit"],
             tune_gc=not options["no-tune-gc"],
             snapshot_app=options["app"] if options["snapshot-replay"] else None,
+            snapshot_timeout=options["snapshot-timeout"] or None,
         )
     journal.setName("journal")
     journal.setServiceParent(top)

@@ -117,13 +117,26 @@ def decode(path: str, data: bytes, seq: int) -> bytes:
 
 @implementer(ISnapshotStore)
 class FileSnapshotStore:
-    def __init__(self, directory: str, fs: IFileSystem | None = None, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str,
+        fs: IFileSystem | None = None,
+        readonly: bool = False,
+        *,
+        clean: bool = True,
+    ) -> None:
+        """
+        :param clean: remove temp files of interrupted writes (the owner of
+            the data directory does, at start; a snapshot process working
+            for it must not, as the temp file may be someone else's).
+        """
         self.directory = os.path.abspath(directory)
         self.location = self.directory
         self.readonly = readonly
         self._fs: IFileSystem = fs if fs is not None else OSFileSystem()
         if not readonly:
             self._fs.makedirs(self.directory)
+        if not readonly and clean:
             for name in self._names():
                 if name.startswith(_TEMP_PREFIX):
                     # An interrupted write: never renamed, never counted.

@@ -30,45 +30,82 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from txjournal.errors import SnapshotError
 
-#: How much of the child's standard error a failure report keeps.
+#: How much of the child's standard error (and report) is kept.
 _MAX_ERROR = 4096
+
+#: The descriptor the child writes its report on: its stdout belongs to the
+#: application, whose prints must not be taken for a report.
+REPORT_FD = 3
+
+#: Run by the child: the parent's import path first (so that txjournal and
+#: the application are found where the parent found them), then :func:`main`.
+_BOOTSTRAP = (
+    "import json, os, sys; "
+    "sys.path[:] = json.loads(os.environ['TXJOURNAL_SYS_PATH']); "
+    "from txjournal.snapshot.replayed import main; main()"
+)
+
+
+class ProcessFailed(SnapshotError):
+    """
+    The snapshot process ran and exited with an error of its own (it could
+    not import the application, a snapshot it needed was damaged and the
+    journal pruned, ...): the service may write this snapshot another way.
+    """
+
+
+def _capped(chunks: list[bytes], data: bytes) -> None:
+    if sum(map(len, chunks)) < _MAX_ERROR:
+        chunks.append(data)
 
 
 class _Report(ProcessProtocol):
-    """Collects the child's report (stdout) and errors (stderr)."""
+    """Collects the child's report (fd 3) and errors (stderr); stdout is dropped."""
 
     def __init__(self, seq: int, reactor: Any = None) -> None:
         self.seq = seq
         self.reactor = reactor
         self._closed: set[int] = set()
-        self.out: list[bytes] = []
+        self.report: list[bytes] = []
         self.err: list[bytes] = []
         self.done: Deferred[tuple[str, int]] = Deferred()
         self.pid: int | None = None
+        #: Why the service killed the process, if it did.
+        self.killed_because: str | None = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
         self.transport.closeStdin()  # type: ignore[union-attr]
 
-    def outReceived(self, data: bytes) -> None:
-        self.out.append(data)
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == REPORT_FD:
+            _capped(self.report, data)
+        elif childFD == 2:
+            _capped(self.err, data)
+        # fd 1: whatever the application prints; not ours to keep.
 
-    def errReceived(self, data: bytes) -> None:
-        if sum(map(len, self.err)) < _MAX_ERROR:
-            self.err.append(data)
+    def kill(self, because: str) -> None:
+        """End the process now (SIGKILL); its snapshot fails saying ``because``."""
+        if self.done.called or self.killed_because is not None:
+            return
+        self.killed_because = because
+        try:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass
 
     def childConnectionLost(self, childFD: int) -> None:
         # Twisted learns that a child exited from SIGCHLD, which a reactor run
         # with installSignalHandlers=False never handles: once the child has
         # closed its output, look for its exit status until it is there.
         self._closed.add(childFD)
-        if {1, 2} <= self._closed and self.reactor is not None:
+        if {1, 2, REPORT_FD} <= self._closed and self.reactor is not None:
             self._reap()
 
     def _reap(self) -> None:
@@ -93,16 +130,20 @@ class _Report(ProcessProtocol):
         if not reason.check(ProcessDone):
             value: Any = reason.value
             signal = getattr(value, "signal", None)
+            if self.killed_because is not None:
+                raise SnapshotError(
+                    f"the snapshot process {self.pid} was killed: {self.killed_because}"
+                )
             if signal is not None:
                 raise SnapshotError(
                     f"the snapshot process {self.pid} was killed by signal {signal}"
                 )
-            raise SnapshotError(
+            raise ProcessFailed(
                 f"the snapshot process {self.pid} failed (exit status "
                 f"{getattr(value, 'exitCode', '?')}): {why}"
             )
         try:
-            report = json.loads(b"".join(self.out))
+            report = json.loads(b"".join(self.report))
             return str(report["path"]), int(report["size"])
         except (ValueError, KeyError, TypeError):
             raise SnapshotError(
@@ -114,19 +155,24 @@ def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _
     """
     Start the child that writes snapshot ``seq`` of ``datadir``; its
     :attr:`_Report.done` fires with (path, payload size) or fails with
-    :class:`~txjournal.errors.SnapshotError`.
+    :class:`~txjournal.errors.SnapshotError` (:class:`ProcessFailed` when
+    the process itself reported an error).
     """
     report = _Report(seq, reactor)
     env = dict(os.environ)
-    # The parent's import path, so the child finds the application where
-    # the parent did (twistd and python -m set it up differently).
+    # The parent's import path, so the child finds txjournal and the
+    # application where the parent did (twistd and python -m set it up
+    # differently, and either may have been found through sys.path edits).
     env["TXJOURNAL_SYS_PATH"] = json.dumps([p or os.getcwd() for p in sys.path])
     args = [
-        sys.executable, "-m", "txjournal.snapshot.replayed",
+        sys.executable, "-c", _BOOTSTRAP,
         "--app", app, "--schema-name", schema_name, "--seq", str(seq),
         "--parent", str(os.getpid()), datadir,
     ]
-    reactor.spawnProcess(report, sys.executable, args, env=env, path=os.getcwd())
+    reactor.spawnProcess(
+        report, sys.executable, args, env=env, path=os.getcwd(),
+        childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"},
+    )
     return report
 
 
@@ -150,12 +196,24 @@ def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]
     serializer = PickleSerializer()
     payload = serializer.dumps(point.model)
     digest = schema.model_digest(point.model, payload)
-    path = FileSnapshotStore(os.path.join(datadir, "snapshots")).save(seq, payload, digest)
+    # clean=False: temp files there are the service's business, not ours.
+    store = FileSnapshotStore(os.path.join(datadir, "snapshots"), clean=False)
+    path = store.save(seq, payload, digest)
     return path, len(payload)
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in the child
-    parser = argparse.ArgumentParser(prog="python -m txjournal.snapshot.replayed")
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in the child
+    """The snapshot process: write the snapshot, report on fd 3, exit."""
+    import signal
+
+    # Not the terminal's: a Ctrl-C meant for the service must not end its
+    # snapshot half-way (the service decides when the process ends).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    parser = argparse.ArgumentParser(prog="txjournal snapshot process")
     parser.add_argument("--app", required=True)
     parser.add_argument("--schema-name", required=True)
     parser.add_argument("--seq", type=int, required=True)
@@ -169,19 +227,19 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in th
         os.nice(10)  # background work: the service's reactor wins the CPU
     except OSError:
         pass
-    path = os.environ.get("TXJOURNAL_SYS_PATH")
-    if path:
-        sys.path[:] = json.loads(path)
     os.umask(0o077)
+    code = 1
     try:
         saved, size = write(args.app, args.schema_name, args.datadir, args.seq)
+        os.write(REPORT_FD, json.dumps({"path": saved, "size": size}).encode())
+        code = 0
     except BaseException as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    sys.stdout.write(json.dumps({"path": saved, "size": size}))
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - runs in the child
-    sys.exit(main())
+    finally:
+        # os._exit: threads the application started at import must not keep
+        # the process (and the service's snapshot) waiting.
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
