@@ -566,3 +566,41 @@ async def test_a_damaged_snapshot_with_a_pruned_journal_falls_back_to_the_live_m
     assert "writing a snapshot from the live model instead" in texts(captured)
     assert snapshot_model(datadir, 410).accounts == expected
     await svc.stopService()
+
+
+def test_the_process_says_when_it_starts_writing() -> None:
+    r = replayed._Report(7)
+    r.pid = 1
+    assert not r.writing
+    r.childDataReceived(replayed.REPORT_FD, replayed.WRITING)
+    assert r.writing
+    r.childDataReceived(replayed.REPORT_FD, b'{"path": "/x/7.snapshot",')
+    r.childDataReceived(replayed.REPORT_FD, b' "size": 9}')
+    box: list[Any] = []
+    r.done.addBoth(box.append)
+    r.processEnded(Failure(ProcessDone(0)))
+    assert box == [("/x/7.snapshot", 9)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_inline_commit_stays_on_until_the_process_writes(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = capture_spawns(monkeypatch)
+    svc = start(str(tmp_path / "bank"))
+    await svc.execute(Deposit("a", 1))
+    assert not svc._snapshot_writing()
+    snapshot = svc.snapshot()
+    (child,) = spawned
+    assert not svc._snapshot_writing()  # loading and replaying: the disk is ours
+    await until(lambda: child.writing or child.done.called)
+    assert child.writing  # it said so before it wrote
+    assert await snapshot == 1
+    assert not svc._snapshot_writing()
+    # A forked snapshot counts as writing from the start.
+    svc.snapshot_app = None
+    await svc.execute(Deposit("a", 1))
+    forked_snapshot = svc.snapshot()
+    assert svc._snapshot_writing()
+    assert await forked_snapshot == 2
+    await svc.stopService()
