@@ -222,8 +222,6 @@ class JournalService(Service, Generic[M]):
         #: Callers waiting for the snapshot after the one being written.
         self._snapshot_waiters: list[Deferred[int]] | None = None
         self._snapshot_loop: LoopingCall | None = None
-        #: The replaying snapshot process at work, if any.
-        self._snapshot_child: replayed._Report | None = None
         self._loop_done: Deferred[Any] | None = None
         self.last_snapshot_seq = 0
         #: Seconds the reactor paused to start the last snapshot (the fork,
@@ -329,10 +327,10 @@ class JournalService(Service, Generic[M]):
             # Only a local file, only when nothing of the journal's runs on
             # the writer thread (see Engine, inline commit), and not while a
             # snapshot is being written: the disk is busy and syncs slow.
-            writer, quick, disk_busy = runner, journal.append_is_quick, self._snapshot_writing
+            writer, quick, snapshotting = runner, journal.append_is_quick, self._snapshot_lock
             inline = {
                 "call_soon": lambda f: reactor.callLater(0, f),
-                "inline_ready": lambda: writer.idle and not disk_busy() and quick(),
+                "inline_ready": lambda: writer.idle and not snapshotting.locked and quick(),
             }
         self._engine = Engine(
             self.schema, journal, model, runner, reactor.seconds,
@@ -622,17 +620,6 @@ class JournalService(Service, Generic[M]):
             return fail(NotRunning("the journal service is not running"))
         return self._take_snapshot()
 
-    def _snapshot_writing(self) -> bool:
-        """
-        Whether a snapshot may be writing to the disk now: any time one is
-        being taken, except while a replaying process is still loading and
-        replaying (it says when it starts to write).
-        """
-        if not self._snapshot_lock.locked:
-            return False
-        child = self._snapshot_child
-        return child is None or child.writing
-
     def _check_snapshot_app(self, reactor: Any) -> None:
         # Now, not at the first snapshot minutes later: a typo or a schema
         # the child would not find is a start-up error.
@@ -809,11 +796,6 @@ class JournalService(Service, Generic[M]):
         deadline = self._deadline(
             lambda: child.kill(f"it did not finish within {self.snapshot_timeout:g} s")
         )
-        self._snapshot_child = child
-
-        def gone(result: _T) -> _T:
-            self._snapshot_child = None
-            return result
 
         def prune(written: tuple[str, int]) -> Deferred[tuple[str, int, list[int]]]:
             return runner(lambda: (*written, store.prune(keep)))
@@ -833,7 +815,6 @@ class JournalService(Service, Generic[M]):
 
         done: Deferred[Any] = child.done
         done.addBoth(deadline.settled)
-        done.addBoth(gone)
         done.addCallback(prune)
         return done.addCallbacks(self._snapshot_saved(store, seq, how, stall), unsaved)
 

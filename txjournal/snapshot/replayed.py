@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -43,10 +42,6 @@ _MAX_ERROR = 4096
 #: The descriptor the child writes its report on: its stdout belongs to the
 #: application, whose prints must not be taken for a report.
 REPORT_FD = 3
-
-#: Sent on REPORT_FD before the child starts writing the snapshot file (the
-#: service keeps its own syncs off the reactor thread from then on).
-WRITING = b"W"
 
 #: Run by the child: the parent's import path first (so that txjournal and
 #: the application are found where the parent found them), then :func:`main`.
@@ -83,8 +78,6 @@ class _Report(ProcessProtocol):
         self.pid: int | None = None
         #: Why the service killed the process, if it did.
         self.killed_because: str | None = None
-        #: Whether it has started to write the snapshot file.
-        self.writing = False
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -92,9 +85,6 @@ class _Report(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == REPORT_FD:
-            if not self.writing and not self.report and data.startswith(WRITING):
-                self.writing = True
-                data = data[len(WRITING):]
             _capped(self.report, data)
         elif childFD == 2:
             _capped(self.err, data)
@@ -186,9 +176,7 @@ def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _
     return report
 
 
-def write(
-    app: str, schema_name: str, datadir: str, seq: int, writing: Callable[[], object] | None = None
-) -> tuple[str, int]:
+def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]:
     """The child's work: rebuild the model as of ``seq`` and save it."""
     from txjournal.history import replay_to
     from txjournal.snapshot.file import FileSnapshotStore
@@ -208,8 +196,6 @@ def write(
     serializer = PickleSerializer()
     payload = serializer.dumps(point.model)
     digest = schema.model_digest(point.model, payload)
-    if writing is not None:
-        writing()
     # clean=False: temp files there are the service's business, not ours.
     store = FileSnapshotStore(os.path.join(datadir, "snapshots"), clean=False)
     path = store.save(seq, payload, digest)
@@ -244,10 +230,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in t
     os.umask(0o077)
     code = 1
     try:
-        saved, size = write(
-            args.app, args.schema_name, args.datadir, args.seq,
-            writing=lambda: os.write(REPORT_FD, WRITING),
-        )
+        saved, size = write(args.app, args.schema_name, args.datadir, args.seq)
         os.write(REPORT_FD, json.dumps({"path": saved, "size": size}).encode())
         code = 0
     except BaseException as e:
