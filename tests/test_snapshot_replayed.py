@@ -566,3 +566,32 @@ async def test_a_damaged_snapshot_with_a_pruned_journal_falls_back_to_the_live_m
     assert "writing a snapshot from the live model instead" in texts(captured)
     assert snapshot_model(datadir, 410).accounts == expected
     await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_forked_child_is_killed_after_the_timeout(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from txjournal.snapshot import fork
+
+    pids: list[int] = []
+    real_start = fork.start
+
+    def start_and_stop(*args: Any) -> Any:
+        pid, pipe = real_start(*args)
+        os.kill(pid, signal.SIGSTOP)  # hangs, as far as the service can tell
+        pids.append(pid)
+        return pid, pipe
+
+    monkeypatch.setattr(fork, "start", start_and_stop)
+    datadir = str(tmp_path / "bank")
+    svc = JournalService(bank, datadir, snapshot_on_stop=False, snapshot_timeout=1.0)
+    svc.startService()
+    await svc.execute(Deposit("a", 1))
+    with pytest.raises(SnapshotError, match="was killed: it did not finish within 1 s"):
+        await svc.snapshot()
+    assert not alive(pids[0])
+    assert os.listdir(os.path.join(datadir, "snapshots")) == []
+    monkeypatch.setattr(fork, "start", real_start)
+    assert await svc.snapshot() == 1
+    await svc.stopService()

@@ -724,7 +724,7 @@ class JournalService(Service, Generic[M]):
                 self.log.failure("Snapshot at {seq} failed: cannot fork", seq=seq)
                 return fail(SnapshotError(f"cannot fork the snapshot process: {e}"))
             how = f"forked child {pid}"
-            deadline = self._deadline(lambda: os.kill(pid, signal.SIGKILL))
+            deadline = self._deadline(_PidKiller(pid))
 
             def write() -> tuple[str, int, list[int]]:
                 try:
@@ -764,9 +764,10 @@ class JournalService(Service, Generic[M]):
 
     def _deadline(self, kill: Callable[[], object]) -> _Deadline:
         timeout = self.snapshot_timeout
-        if not timeout:
-            return _Deadline(None)
         deadline = _Deadline(None)
+        deadline.closing = getattr(kill, "close", None)
+        if not timeout:
+            return deadline
 
         def expire() -> None:
             deadline.fired = True
@@ -849,11 +850,42 @@ class _Deadline:
     def __init__(self, call: Any) -> None:
         self.call = call
         self.fired = False
+        self.closing: Callable[[], object] | None = None
 
     def settled(self, result: _T) -> _T:
         if self.call is not None and self.call.active():
             self.call.cancel()
+        if self.closing is not None:
+            self.closing()
+            self.closing = None
         return result
+
+
+class _PidKiller:
+    """
+    Kills a forked child by a pidfd where there is one: the snapshot thread
+    reaps the child, and a kill by pid racing that could reach another
+    process that got the pid since.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd: int | None = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass
+
+    def __call__(self) -> None:
+        if self.pidfd is None:
+            os.kill(self.pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 #: The first generation's collection threshold set by ``tune_gc``.
