@@ -519,6 +519,31 @@ def test_writer_thread_runs_calls_in_order_and_reports_errors() -> None:
     writer.stop()  # twice is harmless
 
 
+def test_writer_thread_survives_a_signal_while_it_sleeps() -> None:
+    import signal
+    import time
+
+    reactor = ThreadReactor()
+    writer = WriterThread(reactor, "test-writer")
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    writer.start()
+    try:
+        assert writer._thread is not None and writer._thread.ident is not None
+        for _ in range(3):
+            # Delivered to the writer thread while it waits for work: its
+            # read is interrupted (EINTR), which must not end the thread.
+            time.sleep(0.05)  # let it get back into its blocking read
+            signal.pthread_kill(writer._thread.ident, signal.SIGUSR1)
+        time.sleep(0.05)
+        assert writer._thread.is_alive()
+        d = writer(lambda: "still here")
+        reactor.run(1)
+        assert outcome(d) == "still here"
+    finally:
+        writer.stop()
+        signal.signal(signal.SIGUSR1, old)
+
+
 def test_writer_thread_stop_finishes_queued_calls() -> None:
     reactor = ThreadReactor()
     writer = WriterThread(reactor, "test-writer")

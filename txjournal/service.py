@@ -803,7 +803,8 @@ class JournalService(Service, Generic[M]):
 
         def unsaved(f: Failure) -> Failure | Deferred[int]:
             store.discard_temp(seq)  # a process killed mid-write leaves its temp file
-            if f.check(replayed.ProcessFailed):
+            engine = self._engine
+            if f.check(replayed.ProcessFailed) and engine is not None and engine.failed is None:
                 # It ran and said what stopped it (the application no longer
                 # imports, the journal it needed was pruned past a damaged
                 # snapshot, ...): the live model is still there to snapshot.

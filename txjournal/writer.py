@@ -32,7 +32,19 @@ class _Wakeup:
             fd = os.eventfd(0, os.EFD_CLOEXEC)
             self._r = self._w = fd
             self.set: Callable[[], Any] = lambda: os.eventfd_write(fd, 1)
-            self.wait: Callable[[], Any] = lambda: os.eventfd_read(fd)
+
+            def wait() -> None:
+                # os.eventfd_read does not retry after a signal (Python 3.11):
+                # a signal delivered to this thread would end it, and with it
+                # every journal write or snapshot it was to run.
+                while True:
+                    try:
+                        os.eventfd_read(fd)
+                        return
+                    except InterruptedError:
+                        continue
+
+            self.wait: Callable[[], Any] = wait
         else:  # pragma: no cover - not Linux
             r, w = os.pipe()
             os.set_blocking(w, False)  # a full pipe already wakes the reader

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -43,13 +44,27 @@ _MAX_ERROR = 4096
 #: application, whose prints must not be taken for a report.
 REPORT_FD = 3
 
-#: Run by the child: the parent's import path first (so that txjournal and
-#: the application are found where the parent found them), then :func:`main`.
-_BOOTSTRAP = (
-    "import json, os, sys; "
-    "sys.path[:] = json.loads(os.environ['TXJOURNAL_SYS_PATH']); "
-    "from txjournal.snapshot.replayed import main; main()"
-)
+#: Run by the child. First of all, out of the terminal's reach: a Ctrl-C
+#: meant for the service must not end its snapshot half-way (the service
+#: decides when the process ends). Then the parent's import path (so that
+#: txjournal and the application are found where the parent found them),
+#: then :func:`main`.
+_BOOTSTRAP = """\
+import os, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    os.setsid()
+except OSError:
+    pass
+import json, sys
+sys.path[:] = json.loads(os.environ['TXJOURNAL_SYS_PATH'])
+from txjournal.snapshot.replayed import main
+main()
+"""
+
+#: Seconds to keep reading the report and errors after the process exited:
+#: a process the application started may hold the pipes open for ever.
+DRAIN = 1.0
 
 
 class ProcessFailed(SnapshotError):
@@ -66,7 +81,7 @@ def _capped(chunks: list[bytes], data: bytes) -> None:
 
 
 class _Report(ProcessProtocol):
-    """Collects the child's report (fd 3) and errors (stderr); stdout is dropped."""
+    """Collects the child's report (fd 3) and errors (stderr)."""
 
     def __init__(self, seq: int, reactor: Any = None) -> None:
         self.seq = seq
@@ -88,29 +103,45 @@ class _Report(ProcessProtocol):
             _capped(self.report, data)
         elif childFD == 2:
             _capped(self.err, data)
-        # fd 1: whatever the application prints; not ours to keep.
 
     def kill(self, because: str) -> None:
-        """End the process now (SIGKILL); its snapshot fails saying ``because``."""
+        """End the process and its group now (SIGKILL); its snapshot fails saying ``because``."""
         if self.done.called or self.killed_because is not None:
             return
         self.killed_because = because
+        pid = self.transport.pid  # type: ignore[union-attr]
+        if pid is None:
+            return  # exited already; the drain ends it
+        try:
+            # Its own group (setsid), so what the application started goes too.
+            # Not reaped yet, so the group cannot be someone else's.
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass  # not its own group yet
         try:
             self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-        except ProcessExitedAlready:
+        except (ProcessExitedAlready, OSError):
             pass
+
+    def processExited(self, reason: Failure) -> None:
+        if self.reactor is not None and not self.done.called:
+            self.reactor.callLater(DRAIN, self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        if not self.done.called:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def childConnectionLost(self, childFD: int) -> None:
         # Twisted learns that a child exited from SIGCHLD, which a reactor run
         # with installSignalHandlers=False never handles: once the child has
         # closed its output, look for its exit status until it is there.
         self._closed.add(childFD)
-        if {1, 2, REPORT_FD} <= self._closed and self.reactor is not None:
+        if {2, REPORT_FD} <= self._closed and self.reactor is not None:
             self._reap()
 
     def _reap(self) -> None:
-        if self.done.called:
-            return
+        if self.done.called or self.transport.pid is None:  # type: ignore[union-attr]
+            return  # reaped: processEnded follows
         self.transport.reapProcess()  # type: ignore[union-attr]
         if not self.done.called:
             self.reactor.callLater(0.05, self._reap)
@@ -169,10 +200,15 @@ def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _
         "--app", app, "--schema-name", schema_name, "--seq", str(seq),
         "--parent", str(os.getpid()), datadir,
     ]
-    reactor.spawnProcess(
-        report, sys.executable, args, env=env, path=os.getcwd(),
-        childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"},
-    )
+    # Its stdout is the application's: to /dev/null, not a pipe to read.
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        reactor.spawnProcess(
+            report, sys.executable, args, env=env, path=os.getcwd(),
+            childFDs={0: "w", 1: devnull, 2: "r", REPORT_FD: "r"},
+        )
+    finally:
+        os.close(devnull)
     return report
 
 
@@ -204,15 +240,6 @@ def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in the child
     """The snapshot process: write the snapshot, report on fd 3, exit."""
-    import signal
-
-    # Not the terminal's: a Ctrl-C meant for the service must not end its
-    # snapshot half-way (the service decides when the process ends).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.setsid()
-    except OSError:
-        pass
     parser = argparse.ArgumentParser(prog="txjournal snapshot process")
     parser.add_argument("--app", required=True)
     parser.add_argument("--schema-name", required=True)
