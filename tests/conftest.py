@@ -77,3 +77,40 @@ async def cluster(prefix: str) -> AsyncIterator[Any]:
     for svc in reversed(c.services):
         if svc.running:
             await svc.stopService()
+
+
+# -- waiting and logs -----------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], seconds: float = 20.0, every: float = 0.01) -> None:
+    """
+    Wait for a condition nothing signals (a file appearing, a process gone),
+    checking every ``every`` seconds on the reactor; fail after ``seconds``.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(max(1, int(seconds / every))):
+        if condition():
+            return
+        await deferLater(reactor, every, lambda: None)
+    if not condition():
+        pytest.fail(f"condition not met within {seconds}s")
+
+
+@pytest.fixture
+def captured() -> Iterator[list[dict[str, Any]]]:
+    """Every log event emitted during the test."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def texts(events: list[dict[str, Any]]) -> str:
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in events)
+

@@ -6,12 +6,12 @@ PostgreSQL server (see ``pg_support``). No sleeps: waits are on Deferreds
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 import pytest_twisted
+from conftest import until
 from pg_support import PG_DSN, Cluster, scratch_database, sql
 from twisted.internet import defer, reactor
 
@@ -156,17 +156,6 @@ async def test_a_lost_listening_connection_falls_back_to_polling_and_listens_aga
     await within(replica.when_applied(3))
     assert replica.model.accounts == {"alice": 3}
     await until(lambda: replica.wakeups > woken)  # the new connection delivers NOTIFYs
-
-
-async def until(condition: Callable[[], bool], seconds: float = WAIT) -> None:
-    """Wait for a condition nothing signals, checking every 20 ms; fail after ``seconds``."""
-    from twisted.internet.task import deferLater
-
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    pytest.fail(f"condition not met within {seconds}s")
 
 
 # -- promotion --------------------------------------------------------------------

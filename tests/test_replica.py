@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import until
 from pg_support import PG_DSN, Cluster, sql
 
 from examples.bank import Deposit, InsufficientFunds, Transfer, Withdraw, bank
@@ -94,22 +95,11 @@ async def test_a_start_while_the_replica_is_stopping_is_refused(cluster: Cluster
     with pytest.raises(RuntimeError, match="still stopping"):
         replica.startService()
     await polling
-    await until_true(lambda: stopped == [None])
+    await until(lambda: stopped == [None])
     replica.startService()  # now it may
     await writer.execute(Deposit("carol", 9))
     await replica.when_applied(last_seq(writer))
     assert replica.model.accounts == writer.model.accounts
-
-
-async def until_true(condition: Any, seconds: float = 10.0) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    pytest.fail(f"condition not met within {seconds}s")
 
 
 @pytest_twisted.ensureDeferred

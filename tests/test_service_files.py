@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
+from conftest import texts
 
 from examples.bank import Deposit, Withdraw, bank
 from txjournal import (
@@ -68,20 +68,6 @@ def start(datadir: str, **kw: Any) -> JournalService[Any]:
     svc = JournalService(bank, datadir, **kw)
     svc.startService()
     return svc
-
-
-@pytest.fixture
-def captured() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def texts(events: list[dict[str, Any]]) -> str:
-    from twisted.logger import formatEvent
-
-    return "\n".join(formatEvent(e) for e in events)
 
 
 @pytest_twisted.ensureDeferred

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import texts, until
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -233,103 +234,6 @@ def test_a_reactor_that_cannot_start_processes_is_refused(tmp_path: Any) -> None
         svc.startService()
 
 
-@pytest.fixture
-def captured() -> Any:
-    from twisted.logger import globalLogPublisher
-
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def texts(events: list[dict[str, Any]]) -> str:
-    from twisted.logger import formatEvent
-
-    return "\n".join(formatEvent(e) for e in events)
-
-
-class _NoSignalTransport:
-    """A child that has closed its output but whose exit no SIGCHLD reports."""
-
-    pid = 4321
-
-    def __init__(self, report: Any, exits_after: int) -> None:
-        self.report, self.exits_after, self.reaped = report, exits_after, 0
-
-    def reapProcess(self) -> None:
-        self.reaped += 1
-        if self.reaped == self.exits_after:
-            self.report.processEnded(Failure(ProcessDone(0)))
-
-
-def test_the_exit_is_found_without_sigchld() -> None:
-    clock = Clock()
-    r = replayed._Report(3, clock)
-    r.transport = _NoSignalTransport(r, exits_after=3)  # type: ignore[assignment]
-    r.childDataReceived(replayed.REPORT_FD, b'{"path": "/x/3.snapshot", "size": 1}')
-    r.childConnectionLost(1)
-    r.childConnectionLost(2)
-    assert r.transport.reaped == 0  # the report's descriptor still open
-    r.childConnectionLost(replayed.REPORT_FD)
-    assert not r.done.called
-    clock.advance(0.05)
-    assert not r.done.called
-    clock.advance(0.05)
-    box: list[Any] = []
-    r.done.addBoth(box.append)
-    assert box == [("/x/3.snapshot", 1)]
-    clock.advance(1)
-    assert r.transport.reaped == 3  # stopped looking once it was found
-
-
-APP_SOURCE = '''
-from dataclasses import dataclass
-from txjournal import Context, Schema
-
-schema = Schema("tally", model=dict)
-
-
-@schema.command("add")
-@dataclass
-class Add:
-    key: str
-    n: int
-
-    def execute(self, model: dict, ctx: Context) -> int:
-        model[self.key] = model.get(self.key, 0) + self.n
-        return model[self.key]
-'''
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_process_finds_the_app_where_the_service_did(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # An application importable only through the service's sys.path (not
-    # from the current directory, not installed): the process gets that path.
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "tallyapp_for_snapshot_test.py").write_text(APP_SOURCE)
-    monkeypatch.syspath_prepend(str(code))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    import tallyapp_for_snapshot_test as app  # type: ignore[import-not-found]
-
-    datadir = str(tmp_path / "data")
-    svc = JournalService(
-        app.schema, datadir, snapshot_app="tallyapp_for_snapshot_test:schema",
-        snapshot_on_stop=False,
-    )
-    svc.startService()
-    for i in range(10):
-        await svc.execute(app.Add("k", i))
-    assert await svc.snapshot() == 10
-    await svc.stopService()
-    assert snapshot_model(datadir, 10) == {"k": 45}
-
-
 # -- applications that make the process's life harder ------------------------------
 
 APP_TEMPLATE = '''
@@ -385,18 +289,6 @@ def capture_spawns(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(replayed, "spawn", spawn)
     return spawned
-
-
-async def until(condition: Any, seconds: float = 20.0) -> None:
-    """Wait for a condition nothing signals, checking every 2 ms."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    for _ in range(int(seconds / 0.002)):
-        if condition():
-            return
-        await deferLater(reactor, 0.002, lambda: None)
-    pytest.fail(f"condition not met within {seconds}s")
 
 
 def alive(pid: int) -> bool:
@@ -475,7 +367,8 @@ async def test_a_process_killed_while_writing_leaves_no_temp_file(
         child = spawned[-1]
         await until(
             lambda c=child: any(n.startswith(".tmp-") for n in os.listdir(snapshots))
-            or c.done.called
+            or c.done.called,
+            every=0.002,
         )
         if not child.done.called:
             break
@@ -612,6 +505,21 @@ async def test_a_hung_forked_child_is_killed_after_the_timeout(
     await svc.stopService()
 
 
+def grandchild_prelude(pidfile: Any, then: str = "pass") -> str:
+    """
+    App code that, only in the snapshot process (whose environment has this
+    variable), starts a long-lived process inheriting its stderr, notes its
+    pid in ``pidfile``, then runs ``then``.
+    """
+    return (
+        "import os, subprocess, time\n"
+        "if 'TXJOURNAL_SYS_PATH' in os.environ:\n"
+        "    p = subprocess.Popen(['sleep', '60'])\n"
+        f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        f"    {then}"
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_process_the_application_starts_does_not_hold_the_snapshot(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
@@ -621,12 +529,7 @@ async def test_a_process_the_application_starts_does_not_hold_the_snapshot(
     pidfile = tmp_path / "grandchild.pid"
     app = make_app(
         tmp_path, monkeypatch, "spawning_tally_app",
-        prelude=(
-            "import os, subprocess\n"
-            "if 'TXJOURNAL_SYS_PATH' in os.environ:\n"
-            "    p = subprocess.Popen(['sleep', '60'])\n"
-            f"    open({str(pidfile)!r}, 'w').write(str(p.pid))"
-        ),
+        prelude=grandchild_prelude(pidfile),
     )
     datadir = str(tmp_path / "data")
     svc = JournalService(
@@ -647,13 +550,7 @@ async def test_the_timeout_kills_what_the_process_started_too(
     pidfile = tmp_path / "grandchild.pid"
     app = make_app(
         tmp_path, monkeypatch, "hanging_tally_app",
-        prelude=(
-            "import os, subprocess, time\n"
-            "if 'TXJOURNAL_SYS_PATH' in os.environ:\n"
-            "    p = subprocess.Popen(['sleep', '60'])\n"
-            f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
-            "    time.sleep(60)"
-        ),
+        prelude=grandchild_prelude(pidfile, then="time.sleep(60)"),
     )
     datadir = str(tmp_path / "data")
     svc = JournalService(
