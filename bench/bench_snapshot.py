@@ -25,7 +25,8 @@ is executed (so there is something to snapshot), and:
   with ``snapshot_app`` set, so a new process loads the snapshot just
   written, replays the commands since and writes the next one (the reactor
   only starts it); the five longest gaps and when they began are kept in
-  the JSON for both kinds of snapshot;
+  the JSON for both kinds of snapshot, each with how much of it the
+  reactor spent inside its poll (asleep, waiting to be woken);
 - baseline: a bare ``pickle.dumps`` of the same model on the reactor thread
   (what a naive snapshot would stall for).
 
@@ -99,13 +100,28 @@ def build_model(mib: int) -> tuple[dict[str, Any], int, float, float]:
 
 
 class Heartbeat:
-    """A LoopingCall that records (previous tick, this tick) for every tick."""
+    """
+    A LoopingCall that records (previous tick, this tick) for every tick, and
+    when the reactor sat in its poll (epoll_wait): a gap spent there is time
+    the thread was asleep and not woken on time, not work on the reactor.
+    """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, reactor: Any) -> None:
         self.ticks: list[tuple[float, float]] = []
+        self.polls: list[tuple[float, float]] = []
         self._last = 0.0
         self._loop = LoopingCall(self._tick)
         self.interval = interval
+        poll = reactor.doIteration
+        polls = self.polls
+        clock = time.perf_counter
+
+        def timed_poll(timeout: float | None) -> None:
+            t0 = clock()
+            poll(timeout)
+            polls.append((t0, clock()))
+
+        reactor.doIteration = timed_poll
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -123,10 +139,17 @@ class Heartbeat:
         """Gaps ending after t0 and starting before t1, in ms, sorted."""
         return sorted((b - a) * 1e3 for a, b in self.ticks if b > t0 and a < t1)
 
-    def longest(self, t0: float, t1: float, n: int = 5) -> list[tuple[float, float]]:
-        """The ``n`` longest gaps in the window: (ms, when it began, s after t0)."""
-        gaps = [((b - a) * 1e3, a - t0) for a, b in self.ticks if b > t0 and a < t1]
-        return [(round(ms, 1), round(at, 3)) for ms, at in sorted(gaps, reverse=True)[:n]]
+    def longest(self, t0: float, t1: float, n: int = 5) -> list[tuple[float, float, float]]:
+        """
+        The ``n`` longest gaps in the window: (ms, when it began in s after
+        t0, ms of it the reactor spent inside its poll).
+        """
+        gaps = sorted(((b - a, a, b) for a, b in self.ticks if b > t0 and a < t1), reverse=True)
+        out = []
+        for length, a, b in gaps[:n]:
+            polled = sum(min(e, b) - max(s, a) for s, e in self.polls if e > a and s < b)
+            out.append((round(length * 1e3, 1), round(a - t0, 3), round(polled * 1e3, 1)))
+        return out
 
 
 class Caller:
@@ -179,7 +202,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         assert service.model is model
         await service.execute(Touch(0))
 
-        heartbeat = Heartbeat(settings.heartbeat_ms / 1e3)
+        heartbeat = Heartbeat(settings.heartbeat_ms / 1e3, reactor)
         heartbeat.start()
         caller = Caller(service)
         idle_t0 = time.perf_counter()

@@ -572,3 +572,37 @@ def _zombie(pid: int) -> bool:
             return f.read().split(") ")[1].startswith("Z")
     except OSError:
         return False
+
+
+def _nice(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[16])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_process_runs_at_the_lowest_priority(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An application that, in the snapshot process only, takes its time to
+    # import: long enough to look at the process's priority.
+    app = make_app(
+        tmp_path, monkeypatch, "slow_tally_app",
+        prelude="import os, time\nif 'TXJOURNAL_SYS_PATH' in os.environ:\n    time.sleep(60)",
+    )
+    spawned = capture_spawns(monkeypatch)
+    svc = JournalService(
+        app.schema, str(tmp_path / "data"), snapshot_app="slow_tally_app:schema",
+        snapshot_on_stop=False,
+    )
+    svc.startService()
+    await svc.execute(app.Add("k", 1))
+    snapshot = svc.snapshot()
+    (child,) = spawned
+    await until(lambda: _nice(child.pid) == 19)
+    os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(SnapshotError, match="killed by signal 9"):
+        await snapshot
+    await svc.stopService()

@@ -247,13 +247,10 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in t
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("datadir")
     args = parser.parse_args(argv)
-    from txjournal.snapshot.fork import die_with_parent
+    from txjournal.snapshot.fork import background, die_with_parent
 
     die_with_parent(args.parent)
-    try:
-        os.nice(10)  # background work: the service's reactor wins the CPU
-    except OSError:
-        pass
+    background()
     os.umask(0o077)
     code = 1
     try:
