@@ -143,7 +143,7 @@ async def test_a_process_that_reports_an_error_is_replaced_by_a_snapshot_of_the_
     await svc.execute(Deposit("a", 1))  # valid data after the damage
     assert await svc.snapshot() == 2
     log = texts(captured)
-    assert "JournalCorrupt" in log and "writing a snapshot from the live model instead" in log
+    assert "JournalCorrupt" in log and "writing a snapshot of the live model" in log
     assert "forked child" in log
     assert snapshot_model(datadir, 2).accounts == {"a": 2}
     assert svc.engine.failed is None
@@ -180,12 +180,22 @@ def report(out: bytes, err: bytes, reason: Exception, stdout: bytes = b"") -> An
 
 
 def test_report_parsing() -> None:
-    assert report(b'{"path": "/x/7.snapshot", "size": 9}', b"", ProcessDone(0)) == ("/x/7.snapshot", 9)
+    ok = report(b'{"path": "/x/7.snapshot", "size": 9, "skipped": [[5, "bad digest"]]}', b"",
+                ProcessDone(0))
+    assert ok == replayed.Written("/x/7.snapshot", 9, [(5, "bad digest")])
     bad = report(b"", b"Traceback...\nImportError: no module named nope\n", ProcessTerminated(1))
-    assert isinstance(bad.value, replayed.ProcessFailed)
+    assert isinstance(bad.value, replayed.ProcessFailed) and bad.value.stage == "load"
     assert str(bad.value) == (
         "the snapshot process 1234 failed (exit status 1): ImportError: no module named nope"
     )
+    # Its own report names the error and the stage, whatever stderr holds.
+    said = report(b'{"error": "writing snapshot 7 in /x failed: the disk is full", "stage": "save"}',
+                  b"chatter\n" * 2000, ProcessTerminated(1))
+    assert isinstance(said.value, replayed.ProcessFailed) and said.value.stage == "save"
+    assert str(said.value).endswith("writing snapshot 7 in /x failed: the disk is full")
+    # Without one, the last line of stderr, however much came before it.
+    chatty = report(b"", b"chatter\n" * 2000 + b"RuntimeError: the real cause\n", ProcessTerminated(1))
+    assert str(chatty.value).endswith("RuntimeError: the real cause")
     silent = report(b"garbage", b"", ProcessDone(0))
     assert "exited without a report: no error output" in str(silent.value)
     killed = report(b"", b"", ProcessTerminated(None, signal.SIGKILL))
@@ -193,7 +203,7 @@ def test_report_parsing() -> None:
     assert not isinstance(killed.value, replayed.ProcessFailed)  # no second try after a kill
     # What the application prints is not the report.
     noisy = report(b'{"path": "/x/7.snapshot", "size": 9}', b"", ProcessDone(0), stdout=b"hello\n")
-    assert noisy == ("/x/7.snapshot", 9)
+    assert noisy == ("/x/7.snapshot", 9, [])
     printed_only = report(b"", b"", ProcessDone(0), stdout=b'{"path": "/evil", "size": 1}')
     assert "exited without a report" in str(printed_only.value)
 
@@ -416,35 +426,73 @@ class _BreakableFS(OSFileSystem):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_waits_for_a_running_snapshot_process_even_after_a_write_error(
+async def test_stop_waits_for_a_forked_snapshot_even_after_a_write_error(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import deferLater
 
-    spawned = capture_spawns(monkeypatch)
+    from txjournal.snapshot import fork
+
+    pids: list[int] = []
+    real_start = fork.start
+
+    def start_and_stop(*args: Any) -> Any:
+        pid, pipe = real_start(*args)
+        os.kill(pid, signal.SIGSTOP)
+        pids.append(pid)
+        return pid, pipe
+
+    monkeypatch.setattr(fork, "start", start_and_stop)
     fs = _BreakableFS()
     datadir = str(tmp_path / "bank")
-    svc = start(datadir, fs=fs, snapshot_on_stop=True)
+    svc = JournalService(bank, datadir, fs=fs)  # snapshot_on_stop: skipped after the error
+    svc.startService()
     await svc.execute(Deposit("a", 1))
     snapshot = svc.snapshot()
-    (child,) = spawned
-    os.kill(child.pid, signal.SIGSTOP)
     fs.broken = True
     with pytest.raises(JournalWriteError):
         await svc.execute(Deposit("a", 1))
     stopped: list[Any] = []
     svc.stopService().addBoth(stopped.append)
     await deferLater(reactor, 0.3, lambda: None)
-    # Still the owner while its snapshot process may write into the directory.
+    # Still the owner while its snapshot child may write into the directory.
     assert stopped == []
     with pytest.raises(DataDirLocked):
         JournalService(bank, datadir).startService()
-    os.kill(child.pid, signal.SIGCONT)
+    os.kill(pids[0], signal.SIGCONT)
     assert await snapshot == 1
     await until(lambda: stopped == [None])
-    again = start(datadir)
+    monkeypatch.setattr(fork, "start", real_start)
+    again = JournalService(bank, datadir, snapshot_on_stop=False)
+    again.startService()
     assert again.loaded_snapshot_seq == 1
+    await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_a_replaying_snapshot_and_snapshots_the_live_model(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, captured: list[Any]
+) -> None:
+    spawned = capture_spawns(monkeypatch)
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, snapshot_on_stop=True)
+    for _ in range(3):
+        await svc.execute(Deposit("a", 1))
+    snapshot = svc.snapshot()
+    (child,) = spawned
+    os.kill(child.pid, signal.SIGSTOP)  # stuck, as far as anyone can tell
+    await svc.stopService()  # does not wait for it: ends it
+    with pytest.raises(SnapshotError, match="the service is stopping"):
+        await snapshot
+    assert not alive(child.pid)
+    assert "Stopping: ending snapshot process" in texts(captured)
+    assert len(spawned) == 1  # the stop snapshot is of the live model, not replayed
+    assert sorted(os.listdir(os.path.join(datadir, "snapshots"))) == [
+        "00000000000000000003.snapshot"
+    ]
+    again = start(datadir)
+    assert (again.loaded_snapshot_seq, again.replayed) == (3, 0)
     await again.stopService()
 
 
@@ -470,7 +518,7 @@ async def test_a_damaged_snapshot_with_a_pruned_journal_falls_back_to_the_live_m
         f.write(b"\x00" * 10)
     expected = dict(svc.model.accounts)
     assert await svc.snapshot() == 410
-    assert "writing a snapshot from the live model instead" in texts(captured)
+    assert "writing a snapshot of the live model" in texts(captured)
     assert snapshot_model(datadir, 410).accounts == expected
     await svc.stopService()
 
@@ -539,7 +587,8 @@ async def test_a_process_the_application_starts_does_not_hold_the_snapshot(
     await svc.execute(app.Add("k", 1))
     assert await svc.snapshot() == 1  # within DRAIN of the process's exit, not 60 s
     grandchild = int(pidfile.read_text())
-    os.kill(grandchild, signal.SIGKILL)
+    # It went with the snapshot process (same group), instead of outliving it.
+    await until(lambda: not alive(grandchild) or _zombie(grandchild))
     await svc.stopService()
 
 
@@ -606,3 +655,64 @@ async def test_the_process_runs_at_the_lowest_priority(
     with pytest.raises(SnapshotError, match="killed by signal 9"):
         await snapshot
     await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_code_changed_on_disk_is_not_replayed_into_a_snapshot(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, captured: list[Any]
+) -> None:
+    app = make_app(tmp_path, monkeypatch, "deployed_tally_app")
+    datadir = str(tmp_path / "data")
+    svc = JournalService(
+        app.schema, datadir, snapshot_app="deployed_tally_app:schema", snapshot_on_stop=False,
+    )
+    svc.startService()
+    await svc.execute(app.Add("k", 1))
+    assert await svc.snapshot() == 1
+    assert "replayed by process" in texts(captured)
+    # A deploy without a restart: execute now doubles, on disk only.
+    source = tmp_path / "code-deployed_tally_app" / "deployed_tally_app.py"
+    source.write_text(source.read_text().replace(
+        "model.get(self.key, 0) + self.n", "model.get(self.key, 0) + 2 * self.n"
+    ))
+    await svc.execute(app.Add("k", 1))
+    assert await svc.snapshot() == 2
+    log = texts(captured)
+    assert "is not the code the service runs" in log
+    assert "writing a snapshot of the live model" in log
+    assert snapshot_model(datadir, 2) == {"k": 2}  # what callers were told, not 3
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_snapshot_the_process_could_not_load_is_reported_now(
+    tmp_path: Any, captured: list[Any]
+) -> None:
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir, keep_snapshots=3)
+    for expected in (1, 2):
+        await svc.execute(Deposit("a", 1))
+        assert await svc.snapshot() == expected
+    with open(FileSnapshotStore(os.path.join(datadir, "snapshots")).path(2), "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        f.write(b"\x00" * 5)
+    await svc.execute(Deposit("a", 1))
+    assert await svc.snapshot() == 3  # replayed from snapshot 1
+    assert "Snapshot 2 in" in texts(captured) and "cannot be loaded" in texts(captured)
+    assert snapshot_model(datadir, 3).accounts == {"a": 3}
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_snapshot_that_cannot_be_written_is_a_save_failure(tmp_path: Any) -> None:
+    from txjournal.snapshot.file import snapshot_name
+
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir)
+    await svc.execute(Deposit("a", 1))
+    await svc.stopService()
+    snapshots = os.path.join(datadir, "snapshots")
+    # Its temp file's name is taken by a directory: the write itself fails.
+    os.mkdir(os.path.join(snapshots, ".tmp-" + snapshot_name(1)))
+    with pytest.raises(replayed._SaveFailed, match=f"writing snapshot 1 in {snapshots} failed"):
+        replayed.write(APP, bank.name, datadir, 1)

@@ -222,6 +222,12 @@ class JournalService(Service, Generic[M]):
         #: Callers waiting for the snapshot after the one being written.
         self._snapshot_waiters: list[Deferred[int]] | None = None
         self._snapshot_loop: LoopingCall | None = None
+        #: The replaying snapshot process at work, if any.
+        self._snapshot_child: replayed._Report | None = None
+        #: The code the snapshot process must find (see replayed.code_fingerprint).
+        self._code = ""
+        #: Set by stopService: snapshots from then on are of the live model.
+        self._stopping = False
         self._loop_done: Deferred[Any] | None = None
         self.last_snapshot_seq = 0
         #: Seconds the reactor paused to start the last snapshot (the fork,
@@ -279,6 +285,7 @@ class JournalService(Service, Generic[M]):
 
     def _start(self) -> None:
         reactor = self._get_reactor()
+        self._stopping = False
         if self.snapshot_app is not None:
             self._check_snapshot_app(reactor)
         if self.datadir is not None:
@@ -492,6 +499,20 @@ class JournalService(Service, Generic[M]):
             self._release()
             return succeed(None)
         engine.close()
+        self._stopping = True
+        child = self._snapshot_child
+        if child is not None:
+            # The stop snapshot, of the live model that no longer changes,
+            # supersedes it (or, without one, the last snapshot stands).
+            self.log.info(
+                "Stopping: ending snapshot process {pid}", pid=child.pid,
+            )
+            child.kill("the service is stopping")
+        elif self._snapshot_lock.locked:
+            self.log.info(
+                "Stopping: waiting for the snapshot being written (at most {timeout} s)",
+                timeout=self.snapshot_timeout,
+            )
         d: Deferred[Any] = succeed(None)
         loop = self._snapshot_loop
         if loop is not None:
@@ -639,6 +660,7 @@ class JournalService(Service, Generic[M]):
                 f"snapshot_app {self.snapshot_app} is schema {schema.name!r}, not the "
                 f"service's {self.schema.name!r} object"
             )
+        self._code = replayed.code_fingerprint(self.snapshot_app or "", schema)
 
     def _use_fork(self, store: ISnapshotStore) -> bool:
         # Only where the child can write the snapshot on its own (a file
@@ -714,7 +736,12 @@ class JournalService(Service, Generic[M]):
         runner = self._snapshot_runner
         assert runner is not None
         keep = self.keep_snapshots
-        if by_process and self.snapshot_app is not None and isinstance(store, FileSnapshotStore):
+        if (
+            by_process
+            and not self._stopping
+            and self.snapshot_app is not None
+            and isinstance(store, FileSnapshotStore)
+        ):
             return self._write_by_process(store, seq, runner)
         started = time.monotonic()
         if self._use_fork(store):
@@ -786,7 +813,8 @@ class JournalService(Service, Generic[M]):
         started = time.monotonic()
         try:
             child = replayed.spawn(
-                self._get_reactor(), self.snapshot_app, self.schema.name, self.datadir, seq
+                self._get_reactor(), self.snapshot_app, self.schema.name, self.datadir, seq,
+                self._code,
             )
         except Exception as e:
             self.log.failure("Snapshot at {seq} failed: cannot start its process", seq=seq)
@@ -798,25 +826,50 @@ class JournalService(Service, Generic[M]):
             lambda: child.kill(f"it did not finish within {self.snapshot_timeout:g} s")
         )
 
-        def prune(written: tuple[str, int]) -> Deferred[tuple[str, int, list[int]]]:
-            return runner(lambda: (*written, store.prune(keep)))
+        self._snapshot_child = child
+
+        def gone(result: _T) -> _T:
+            self._snapshot_child = None
+            return result
+
+        def prune(written: replayed.Written) -> Deferred[tuple[str, int, list[int]]]:
+            for skipped, why in written.skipped:
+                # Start-up would say so too, but only at the next restart.
+                self.log.warn(
+                    "Snapshot {skipped} in {store} cannot be loaded ({why}); snapshot "
+                    "{seq} was replayed from an older one", skipped=skipped,
+                    store=store.location, why=why, seq=seq,
+                )
+            return runner(lambda: (written.path, written.size, store.prune(keep)))
 
         def unsaved(f: Failure) -> Failure | Deferred[int]:
             store.discard_temp(seq)  # a process killed mid-write leaves its temp file
+            if self._stopping and child.killed_because is not None:
+                # Ended by stopService on purpose: nothing to alarm anyone with.
+                return Failure(SnapshotError(f"snapshot at {seq} not written: {f.value}"))
             engine = self._engine
-            if f.check(replayed.ProcessFailed) and engine is not None and engine.failed is None:
-                # It ran and said what stopped it (the application no longer
-                # imports, the journal it needed was pruned past a damaged
-                # snapshot, ...): the live model is still there to snapshot.
+            error = f.value
+            if (
+                isinstance(error, replayed.ProcessFailed)
+                and error.stage == "load"
+                and engine is not None
+                and engine.failed is None
+            ):
+                # It ran and said what stopped it before writing (the
+                # application no longer imports or changed on disk, the
+                # journal it needed was pruned past a damaged snapshot):
+                # the live model is still there to snapshot.
                 self.log.warn(
-                    "Snapshot at {seq}: {error}; writing a snapshot from the live model "
-                    "instead", seq=seq, error=f.getErrorMessage(),
+                    "Snapshot at {seq}: {error}; writing a snapshot of the live model "
+                    "(now at {now}) instead", seq=seq, error=str(error),
+                    now=engine.applied_seq,
                 )
                 return self._write_snapshot(by_process=False)
             return self._snapshot_failed(seq)(f)
 
         done: Deferred[Any] = child.done
         done.addBoth(deadline.settled)
+        done.addBoth(gone)
         done.addCallback(prune)
         return done.addCallbacks(self._snapshot_saved(store, seq, how, stall), unsaved)
 

@@ -28,7 +28,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -69,15 +69,60 @@ DRAIN = 1.0
 
 class ProcessFailed(SnapshotError):
     """
-    The snapshot process ran and exited with an error of its own (it could
-    not import the application, a snapshot it needed was damaged and the
-    journal pruned, ...): the service may write this snapshot another way.
+    The snapshot process ran and exited with an error of its own. ``stage``
+    says where: ``"load"`` (it could not import the application, or not the
+    same code as the service's, or a snapshot it needed was damaged and the
+    journal pruned: the service may write this snapshot from its live model
+    instead) or ``"save"`` (writing the file failed: so would any other way).
     """
+
+    def __init__(self, message: str, stage: str = "load") -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class _SaveFailed(SnapshotError):
+    """In the process: writing the snapshot file failed."""
+
+
+def code_fingerprint(app: str, schema: Any) -> str:
+    """
+    A digest of the source files that decide what replay does: the module
+    ``app`` names and those defining the schema's commands and upgrade
+    functions. The snapshot process compares its own with the service's, so
+    that code changed on disk since the service started is never replayed
+    into a snapshot (a restart with that code would, and is the place for it).
+    """
+    import hashlib
+
+    names = {app.partition(":")[0]}
+    for ctype in schema.commands.values():
+        names.add(ctype.cls.__module__)
+        names.update(getattr(f, "__module__", None) or "" for f in ctype.upgrade.values())
+    digest = hashlib.sha256()
+    for name in sorted(n for n in names if n):
+        digest.update(name.encode() + b"\0")
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            except OSError:
+                digest.update(b"unreadable")
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _capped(chunks: list[bytes], data: bytes) -> None:
     if sum(map(len, chunks)) < _MAX_ERROR:
         chunks.append(data)
+
+
+def _tail(chunks: list[bytes], data: bytes) -> None:
+    """Keep the last _MAX_ERROR bytes: the error comes last, after any chatter."""
+    chunks.append(data)
+    while len(chunks) > 1 and sum(map(len, chunks)) - len(chunks[0]) >= _MAX_ERROR:
+        del chunks[0]
 
 
 class _Report(ProcessProtocol):
@@ -89,7 +134,7 @@ class _Report(ProcessProtocol):
         self._closed: set[int] = set()
         self.report: list[bytes] = []
         self.err: list[bytes] = []
-        self.done: Deferred[tuple[str, int]] = Deferred()
+        self.done: Deferred[Written] = Deferred()
         self.pid: int | None = None
         #: Why the service killed the process, if it did.
         self.killed_because: str | None = None
@@ -102,7 +147,7 @@ class _Report(ProcessProtocol):
         if childFD == REPORT_FD:
             _capped(self.report, data)
         elif childFD == 2:
-            _capped(self.err, data)
+            _tail(self.err, data)
 
     def kill(self, because: str) -> None:
         """End the process and its group now (SIGKILL); its snapshot fails saying ``because``."""
@@ -154,10 +199,16 @@ class _Report(ProcessProtocol):
         else:
             self.done.callback(result)
 
-    def _result(self, reason: Failure) -> tuple[str, int]:
+    def _result(self, reason: Failure) -> Written:
         errors = b"".join(self.err).decode("utf-8", "replace").strip()
         lines = errors.splitlines()
         why = lines[-1] if lines else "no error output"
+        try:
+            report = json.loads(b"".join(self.report))
+            if not isinstance(report, dict):
+                report = {}
+        except ValueError:
+            report = {}
         if not reason.check(ProcessDone):
             value: Any = reason.value
             signal = getattr(value, "signal", None)
@@ -171,18 +222,29 @@ class _Report(ProcessProtocol):
                 )
             raise ProcessFailed(
                 f"the snapshot process {self.pid} failed (exit status "
-                f"{getattr(value, 'exitCode', '?')}): {why}"
+                f"{getattr(value, 'exitCode', '?')}): {report.get('error') or why}",
+                "save" if report.get("stage") == "save" else "load",
             )
         try:
-            report = json.loads(b"".join(self.report))
-            return str(report["path"]), int(report["size"])
+            skipped = [(int(seq), str(reason)) for seq, reason in report.get("skipped", [])]
+            return Written(str(report["path"]), int(report["size"]), skipped)
         except (ValueError, KeyError, TypeError):
             raise SnapshotError(
                 f"the snapshot process {self.pid} exited without a report: {why}"
             ) from None
 
 
-def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _Report:
+class Written(NamedTuple):
+    """What a snapshot process wrote, and the snapshots it could not load."""
+
+    path: str
+    size: int
+    skipped: list[tuple[int, str]]
+
+
+def spawn(
+    reactor: Any, app: str, schema_name: str, datadir: str, seq: int, code: str = ""
+) -> _Report:
     """
     Start the child that writes snapshot ``seq`` of ``datadir``; its
     :attr:`_Report.done` fires with (path, payload size) or fails with
@@ -198,7 +260,7 @@ def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _
     args = [
         sys.executable, "-c", _BOOTSTRAP,
         "--app", app, "--schema-name", schema_name, "--seq", str(seq),
-        "--parent", str(os.getpid()), datadir,
+        "--parent", str(os.getpid()), "--code", code, datadir,
     ]
     # Its stdout is the application's: to /dev/null, not a pipe to read.
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -212,8 +274,9 @@ def spawn(reactor: Any, app: str, schema_name: str, datadir: str, seq: int) -> _
     return report
 
 
-def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]:
+def write(app: str, schema_name: str, datadir: str, seq: int, code: str = "") -> Written:
     """The child's work: rebuild the model as of ``seq`` and save it."""
+    from txjournal.errors import describe_os_error
     from txjournal.history import replay_to
     from txjournal.snapshot.file import FileSnapshotStore
     from txjournal.snapshot.serializer import PickleSerializer
@@ -224,6 +287,11 @@ def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]
         raise SnapshotError(
             f"{app} is schema {schema.name!r}, but the service runs {schema_name!r}"
         )
+    if code and code_fingerprint(app, schema) != code:
+        raise SnapshotError(
+            f"the code of {app} on disk is not the code the service runs (changed "
+            f"since it started): it is not replayed into a snapshot"
+        )
     point = replay_to(schema, datadir, until_seq=seq)
     if point.seq != seq:
         raise SnapshotError(
@@ -232,10 +300,15 @@ def write(app: str, schema_name: str, datadir: str, seq: int) -> tuple[str, int]
     serializer = PickleSerializer()
     payload = serializer.dumps(point.model)
     digest = schema.model_digest(point.model, payload)
-    # clean=False: temp files there are the service's business, not ours.
-    store = FileSnapshotStore(os.path.join(datadir, "snapshots"), clean=False)
-    path = store.save(seq, payload, digest)
-    return path, len(payload)
+    directory = os.path.join(datadir, "snapshots")
+    try:
+        # clean=False: temp files there are the service's business, not ours.
+        path = FileSnapshotStore(directory, clean=False).save(seq, payload, digest)
+    except OSError as e:
+        raise _SaveFailed(
+            f"writing snapshot {seq} in {directory} failed: {describe_os_error(e)}"
+        ) from None
+    return Written(path, len(payload), list(point.skipped_snapshots))
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in the child
@@ -245,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in t
     parser.add_argument("--schema-name", required=True)
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--code", default="")
     parser.add_argument("datadir")
     args = parser.parse_args(argv)
     from txjournal.snapshot.fork import background, die_with_parent
@@ -252,18 +326,31 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in t
     die_with_parent(args.parent)
     background()
     os.umask(0o077)
-    code = 1
+    status = 1
     try:
-        saved, size = write(args.app, args.schema_name, args.datadir, args.seq)
-        os.write(REPORT_FD, json.dumps({"path": saved, "size": size}).encode())
-        code = 0
+        written = write(args.app, args.schema_name, args.datadir, args.seq, args.code)
+        report: dict[str, Any] = {
+            "path": written.path, "size": written.size, "skipped": written.skipped,
+        }
+        status = 0
     except BaseException as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        message = str(e) if isinstance(e, SnapshotError) else f"{type(e).__name__}: {e}"
+        report = {"error": message, "stage": "save" if isinstance(e, _SaveFailed) else "load"}
+        print(message, file=sys.stderr)
+    try:
+        os.write(REPORT_FD, json.dumps(report).encode())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # What the application started (it is in this process's session and
+        # group) goes with it instead of outliving the service.
+        # Only if it is its own group (setsid worked): else the group is the
+        # service's.
+        if os.getpgrp() == os.getpid():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+    except BaseException:
+        pass
     finally:
         # os._exit: threads the application started at import must not keep
         # the process (and the service's snapshot) waiting.
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        os._exit(status)
