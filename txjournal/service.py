@@ -87,17 +87,19 @@ class JournalService(Service, Generic[M]):
         sequence number asked for, so the reactor pauses only to start it
         (1-4 ms), not for a ``fork()`` (20-25 ms per GiB of process here); it costs the
         CPU and time of that load and replay, and memory for a second model
-        while the process runs. The process imports the application anew:
-        like a restart, it replays with the code on disk. Takes precedence
-        over ``snapshot_fork``. See :mod:`txjournal.snapshot.replayed`. If the
-        process reports an error of its own (the application does not
-        import, the journal it needs was pruned past a damaged snapshot),
-        that snapshot is written from the live model instead (forked or
-        not, as ``snapshot_fork`` says), with a warning.
+        while the process runs. The process imports the application anew
+        and refuses to replay if the modules of the schema and its commands
+        changed on disk since the service started. Takes precedence over
+        ``snapshot_fork``. See :mod:`txjournal.snapshot.replayed`. If the
+        process fails before writing (the application does not import or
+        changed, the journal it needs was pruned past a damaged snapshot),
+        a snapshot of the live model is written instead (forked or not, as
+        ``snapshot_fork`` says), with a warning. ``stopService`` ends a
+        replaying process and takes its stop snapshot of the live model.
     :param snapshot_timeout: seconds after which a snapshot process (forked
         or replaying) is killed and its snapshot fails, so that a hung one
-        cannot stop snapshots or ``stopService`` for ever; ``None`` for no
-        limit.
+        cannot stop snapshots or ``stopService`` for ever; ``None`` or 0 for
+        no limit.
     :param audit_queries: record every named query in the journal (who,
         which query, arguments, time) as a record that replay skips.
         Queries registered with ``audit=True`` are recorded regardless.
