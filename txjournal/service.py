@@ -512,8 +512,9 @@ class JournalService(Service, Generic[M]):
             child.kill("the service is stopping")
         elif self._snapshot_lock.locked:
             self.log.info(
-                "Stopping: waiting for the snapshot being written (at most {timeout} s)",
-                timeout=self.snapshot_timeout,
+                "Stopping: waiting for the snapshot being written ({limit})",
+                limit=f"killed after {self.snapshot_timeout:g} s" if self.snapshot_timeout
+                else "no time limit",
             )
         d: Deferred[Any] = succeed(None)
         loop = self._snapshot_loop
