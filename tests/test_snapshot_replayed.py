@@ -196,6 +196,9 @@ def test_report_parsing() -> None:
     # Without one, the last line of stderr, however much came before it.
     chatty = report(b"", b"chatter\n" * 2000 + b"RuntimeError: the real cause\n", ProcessTerminated(1))
     assert str(chatty.value).endswith("RuntimeError: the real cause")
+    # Killed after it had written the snapshot and said so: the snapshot stands.
+    late = report(b'{"path": "/x/7.snapshot", "size": 9}', b"", ProcessTerminated(None, 9))
+    assert late == ("/x/7.snapshot", 9, [])
     silent = report(b"garbage", b"", ProcessDone(0))
     assert "exited without a report: no error output" in str(silent.value)
     killed = report(b"", b"", ProcessTerminated(None, signal.SIGKILL))
@@ -487,6 +490,7 @@ async def test_stop_ends_a_replaying_snapshot_and_snapshots_the_live_model(
         await snapshot
     assert not alive(child.pid)
     assert "Stopping: ending snapshot process" in texts(captured)
+    assert "Snapshot at 3 failed" not in texts(captured)  # on purpose: not an alarm
     assert len(spawned) == 1  # the stop snapshot is of the live model, not replayed
     assert sorted(os.listdir(os.path.join(datadir, "snapshots"))) == [
         "00000000000000000003.snapshot"
@@ -553,19 +557,44 @@ async def test_a_hung_forked_child_is_killed_after_the_timeout(
     await svc.stopService()
 
 
-def grandchild_prelude(pidfile: Any, then: str = "pass") -> str:
+def grandchild_prelude(pidfile: Any, then: str = "pass", own_session: bool = False) -> str:
     """
     App code that, only in the snapshot process (whose environment has this
-    variable), starts a long-lived process inheriting its stderr, notes its
-    pid in ``pidfile``, then runs ``then``.
+    variable), starts a long-lived process inheriting its stderr (in a
+    session of its own if ``own_session``: out of reach of its parent's
+    group), notes its pid in ``pidfile``, then runs ``then``.
     """
     return (
         "import os, subprocess, time\n"
         "if 'TXJOURNAL_SYS_PATH' in os.environ:\n"
-        "    p = subprocess.Popen(['sleep', '60'])\n"
+        f"    p = subprocess.Popen(['sleep', '60'], start_new_session={own_session})\n"
         f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
         f"    {then}"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_that_escapes_the_group_does_not_hold_the_snapshot(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its own session: the group's SIGTERM misses it, and it holds the
+    # stderr pipe open for a minute; the service stops reading after DRAIN.
+    pidfile = tmp_path / "grandchild.pid"
+    app = make_app(
+        tmp_path, monkeypatch, "escaping_tally_app",
+        prelude=grandchild_prelude(pidfile, own_session=True),
+    )
+    svc = JournalService(
+        app.schema, str(tmp_path / "data"), snapshot_app="escaping_tally_app:schema",
+        snapshot_on_stop=False,
+    )
+    svc.startService()
+    await svc.execute(app.Add("k", 1))
+    try:
+        assert await svc.snapshot() == 1  # within DRAIN of the process's exit, not 60 s
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    await svc.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -716,3 +745,61 @@ async def test_a_snapshot_that_cannot_be_written_is_a_save_failure(tmp_path: Any
     os.mkdir(os.path.join(snapshots, ".tmp-" + snapshot_name(1)))
     with pytest.raises(replayed._SaveFailed, match=f"writing snapshot 1 in {snapshots} failed"):
         replayed.write(APP, bank.name, datadir, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_in_the_same_process_still_sees_the_code_change(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, captured: list[Any]
+) -> None:
+    app = make_app(tmp_path, monkeypatch, "restarted_tally_app")
+    datadir = str(tmp_path / "data")
+    svc = JournalService(
+        app.schema, datadir, snapshot_app="restarted_tally_app:schema", snapshot_on_stop=False,
+    )
+    svc.startService()
+    await svc.execute(app.Add("k", 1))
+    assert await svc.snapshot() == 1
+    await svc.stopService()
+    source = tmp_path / "code-restarted_tally_app" / "restarted_tally_app.py"
+    source.write_text(source.read_text().replace(
+        "model.get(self.key, 0) + self.n", "model.get(self.key, 0) + 2 * self.n"
+    ))
+    svc.startService()  # the same objects, the same code in memory
+    assert await svc.execute(app.Add("k", 1)) == 2
+    assert await svc.snapshot() == 2
+    assert "is not the code the service runs" in texts(captured)
+    assert snapshot_model(datadir, 2) == {"k": 2}
+    await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_snapshot_file_that_cannot_be_written_is_not_retried_from_the_live_model(
+    tmp_path: Any, captured: list[Any]
+) -> None:
+    from txjournal.snapshot.file import snapshot_name
+
+    datadir = str(tmp_path / "bank")
+    svc = start(datadir)
+    await svc.execute(Deposit("a", 1))
+    snapshots = os.path.join(datadir, "snapshots")
+    os.mkdir(os.path.join(snapshots, ".tmp-" + snapshot_name(1)))
+    with pytest.raises(SnapshotError, match=f"writing snapshot 1 in {snapshots} failed"):
+        await svc.snapshot()
+    assert "live model" not in texts(captured)
+    await svc.stopService()
+
+
+def test_checking_the_app_does_not_put_the_current_directory_on_the_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After twistd's --rundir the current directory may hold another copy of
+    # the application, which the snapshot process would import first.
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    svc = start(str(tmp_path / "bank"), reactor=None)
+    try:
+        assert str(tmp_path) not in sys.path
+    finally:
+        svc.stopService()

@@ -509,13 +509,9 @@ class JournalService(Service, Generic[M]):
             self.log.info(
                 "Stopping: ending snapshot process {pid}", pid=child.pid,
             )
-            child.kill("the service is stopping")
+            child.kill(replayed.STOPPING)
         elif self._snapshot_lock.locked:
-            self.log.info(
-                "Stopping: waiting for the snapshot being written ({limit})",
-                limit=f"killed after {self.snapshot_timeout:g} s" if self.snapshot_timeout
-                else "no time limit",
-            )
+            self.log.info("Stopping: waiting for the snapshot being written")
         d: Deferred[Any] = succeed(None)
         loop = self._snapshot_loop
         if loop is not None:
@@ -655,7 +651,9 @@ class JournalService(Service, Generic[M]):
         if not IReactorProcess.providedBy(reactor):
             raise ValueError("snapshot_app needs a reactor that can start processes")
         try:
-            schema = load_schema(self.snapshot_app or "")
+            # Not the current directory: after twistd's --rundir it may hold
+            # another copy, which the snapshot process would then import.
+            schema = load_schema(self.snapshot_app or "", add_cwd=False)
         except UsageError as e:
             raise ValueError(f"snapshot_app: {e}") from None
         if schema is not self.schema:
@@ -762,7 +760,7 @@ class JournalService(Service, Generic[M]):
                 except BaseException as e:
                     # A child killed mid-write (the OOM killer) leaves its temp file.
                     if isinstance(store, FileSnapshotStore):
-                        store.discard_temp(seq)
+                        self._discard_temp(store, seq)
                     if deadline.fired:
                         raise SnapshotError(
                             f"the snapshot child process {pid} was killed: it did not "
@@ -791,6 +789,16 @@ class JournalService(Service, Generic[M]):
         return d.addCallbacks(
             self._snapshot_saved(store, seq, how, stall), self._snapshot_failed(seq)
         )
+
+    def _discard_temp(self, store: FileSnapshotStore, seq: int) -> None:
+        # Never in the way of the error that brought us here.
+        try:
+            store.discard_temp(seq)
+        except OSError as e:
+            self.log.warn(
+                "Cannot remove the temp file of snapshot {seq} in {store}: {error}",
+                seq=seq, store=store.location, error=e,
+            )
 
     def _deadline(self, kill: Callable[[], object]) -> _Deadline:
         timeout = self.snapshot_timeout
@@ -846,8 +854,8 @@ class JournalService(Service, Generic[M]):
             return runner(lambda: (written.path, written.size, store.prune(keep)))
 
         def unsaved(f: Failure) -> Failure | Deferred[int]:
-            store.discard_temp(seq)  # a process killed mid-write leaves its temp file
-            if self._stopping and child.killed_because is not None:
+            self._discard_temp(store, seq)  # a process killed mid-write leaves its temp file
+            if child.killed_because == replayed.STOPPING:
                 # Ended by stopService on purpose: nothing to alarm anyone with.
                 return Failure(SnapshotError(f"snapshot at {seq} not written: {f.value}"))
             engine = self._engine

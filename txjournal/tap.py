@@ -49,14 +49,14 @@ _CHECKABLE_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl", "unix"})
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def load_schema(spec: str) -> Schema[Any]:
+def load_schema(spec: str, add_cwd: bool = True) -> Schema[Any]:
     """
     Import ``module:attribute`` (the attribute may be dotted) and check that
     it is a :class:`~txjournal.Schema`.
 
-    The current directory is put on ``sys.path`` first, as ``python -m``
-    does but ``twistd`` does not, so that ``--app myapp:schema`` finds
-    ``./myapp.py``.
+    The current directory is put on ``sys.path`` first (unless ``add_cwd``
+    is false), as ``python -m`` does but ``twistd`` does not, so that
+    ``--app myapp:schema`` finds ``./myapp.py``.
 
     :raises usage.UsageError: naming what went wrong.
     """
@@ -64,7 +64,7 @@ def load_schema(spec: str) -> Schema[Any]:
     if not sep or not module_name or not attr:
         raise usage.UsageError(f"--app must look like 'package.module:attribute', got {spec!r}")
     cwd = os.getcwd()
-    if cwd not in sys.path:
+    if add_cwd and cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)

@@ -62,6 +62,16 @@ from txjournal.snapshot.replayed import main
 main()
 """
 
+#: Why stopService ends a snapshot process (a quiet end, not a failure).
+STOPPING = "the service is stopping"
+
+#: How much of the report is kept (its error text is cut to far less).
+_MAX_REPORT = 1 << 20
+
+#: Fingerprints of loaded modules, taken the first time each is seen: the
+#: code on disk may change later, the code running does not.
+_SEEN: dict[tuple[str, int], bytes] = {}
+
 #: Seconds to keep reading the report and errors after the process exited:
 #: a process the application started may hold the pipes open for ever.
 DRAIN = 1.0
@@ -88,34 +98,56 @@ class _SaveFailed(SnapshotError):
 def code_fingerprint(app: str, schema: Any) -> str:
     """
     A digest of the source files that decide what replay does: the module
-    ``app`` names and those defining the schema's commands and upgrade
-    functions. The snapshot process compares its own with the service's, so
-    that code changed on disk since the service started is never replayed
-    into a snapshot (a restart with that code would, and is the place for it).
+    ``app`` names and those defining the schema's model factory, commands
+    and upgrade functions. The snapshot process compares its own with the
+    service's, so that code changed on disk since the service imported it is
+    never replayed into a snapshot (a restart with that code would, and is
+    the place for it). Each module's file is read the first time this
+    process fingerprints it and remembered, as the code in memory stays
+    what it was.
     """
     import hashlib
 
     names = {app.partition(":")[0]}
+    functions = [schema.model_factory]
     for ctype in schema.commands.values():
         names.add(ctype.cls.__module__)
-        names.update(getattr(f, "__module__", None) or "" for f in ctype.upgrade.values())
+        functions.extend(ctype.upgrade.values())
+    for f in functions:
+        f = getattr(f, "func", f)  # functools.partial
+        names.add(getattr(f, "__module__", None) or "")
     digest = hashlib.sha256()
     for name in sorted(n for n in names if n):
-        digest.update(name.encode() + b"\0")
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    digest.update(f.read())
-            except OSError:
-                digest.update(b"unreadable")
-        digest.update(b"\0")
+        digest.update(name.encode() + b"\0" + _module_digest(name) + b"\0")
     return digest.hexdigest()
 
 
-def _capped(chunks: list[bytes], data: bytes) -> None:
-    if sum(map(len, chunks)) < _MAX_ERROR:
-        chunks.append(data)
+def _module_digest(name: str) -> bytes:
+    import hashlib
+
+    module = sys.modules.get(name)
+    if module is None:
+        return b"not imported"
+    key = (name, id(module))
+    known = _SEEN.get(key)
+    if known is None:
+        path = getattr(module, "__file__", None)
+        if not path:
+            known = b"no file"
+        else:
+            try:
+                loader = getattr(module, "__loader__", None)
+                get_data = getattr(loader, "get_data", None)
+                if get_data is not None:  # zipimport and friends too
+                    data = get_data(path)
+                else:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                known = hashlib.sha256(data).digest()
+            except OSError:
+                known = b"unreadable " + path.encode()
+        _SEEN[key] = known
+    return known
 
 
 def _tail(chunks: list[bytes], data: bytes) -> None:
@@ -145,7 +177,8 @@ class _Report(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == REPORT_FD:
-            _capped(self.report, data)
+            if sum(map(len, self.report)) < _MAX_REPORT:
+                self.report.append(data)
         elif childFD == 2:
             _tail(self.err, data)
 
@@ -209,6 +242,10 @@ class _Report(ProcessProtocol):
                 report = {}
         except ValueError:
             report = {}
+        if not reason.check(ProcessDone) and "path" in report and "error" not in report:
+            # Killed after it had written the snapshot and said so (a stop,
+            # a timeout at the last moment): the snapshot is complete.
+            reason = Failure(ProcessDone(0))
         if not reason.check(ProcessDone):
             value: Any = reason.value
             signal = getattr(value, "signal", None)
@@ -282,7 +319,7 @@ def write(app: str, schema_name: str, datadir: str, seq: int, code: str = "") ->
     from txjournal.snapshot.serializer import PickleSerializer
     from txjournal.tap import load_schema
 
-    schema = load_schema(app)
+    schema = load_schema(app, add_cwd=False)  # the service's sys.path, as it is
     if schema.name != schema_name:
         raise SnapshotError(
             f"{app} is schema {schema.name!r}, but the service runs {schema_name!r}"
@@ -308,7 +345,8 @@ def write(app: str, schema_name: str, datadir: str, seq: int, code: str = "") ->
         raise _SaveFailed(
             f"writing snapshot {seq} in {directory} failed: {describe_os_error(e)}"
         ) from None
-    return Written(path, len(payload), list(point.skipped_snapshots))
+    skipped = [(seq, why[:500]) for seq, why in point.skipped_snapshots[:20]]
+    return Written(path, len(payload), skipped)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in the child
@@ -335,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - runs in t
         status = 0
     except BaseException as e:
         message = str(e) if isinstance(e, SnapshotError) else f"{type(e).__name__}: {e}"
-        report = {"error": message, "stage": "save" if isinstance(e, _SaveFailed) else "load"}
+        report = {
+            "error": message[:2000], "stage": "save" if isinstance(e, _SaveFailed) else "load",
+        }
         print(message, file=sys.stderr)
     try:
         os.write(REPORT_FD, json.dumps(report).encode())
