@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 import math
+import os
+import platform
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -519,26 +521,52 @@ def test_writer_thread_runs_calls_in_order_and_reports_errors() -> None:
     writer.stop()  # twice is harmless
 
 
+#: read(2)'s number, as /proc/<pid>/task/<tid>/syscall shows it.
+_READ = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
+
+
+def _blocked_in_read(native_id: int) -> bool:
+    """Whether a thread of this process sits in read(2) (elsewhere: asleep at all)."""
+    try:
+        if _READ is None:
+            with open(f"/proc/self/task/{native_id}/stat") as f:
+                return f.read().rsplit(") ", 1)[1].startswith("S")
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            return f.read().split()[0] == _READ
+    except (OSError, IndexError):
+        return False
+
+
+def _until(condition: Any, seconds: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {seconds}s")
+        os.sched_yield()
+
+
 def test_writer_thread_survives_a_signal_while_it_sleeps() -> None:
     import signal
-    import time
 
     reactor = ThreadReactor()
     writer = WriterThread(reactor, "test-writer")
     old = signal.signal(signal.SIGUSR1, lambda *_: None)
     writer.start()
     try:
-        assert writer._thread is not None and writer._thread.ident is not None
+        thread = writer._thread
+        assert thread is not None and thread.ident is not None and thread.native_id is not None
         for _ in range(3):
-            # Delivered to the writer thread while it waits for work: its
-            # read is interrupted (EINTR), which must not end the thread.
-            time.sleep(0.05)  # let it get back into its blocking read
-            signal.pthread_kill(writer._thread.ident, signal.SIGUSR1)
-        time.sleep(0.05)
-        assert writer._thread.is_alive()
+            # Delivered to the writer thread while it waits for work in its
+            # read: the read is interrupted (EINTR), which must not end the
+            # thread; it goes back to its read.
+            _until(lambda: _blocked_in_read(thread.native_id))  # type: ignore[arg-type]
+            signal.pthread_kill(thread.ident, signal.SIGUSR1)
         d = writer(lambda: "still here")
         reactor.run(1)
         assert outcome(d) == "still here"
+        assert thread.is_alive()
     finally:
         writer.stop()
         signal.signal(signal.SIGUSR1, old)

@@ -304,6 +304,23 @@ def capture_spawns(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return spawned
 
 
+def stop_forked_children(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Forked snapshot children are SIGSTOPped as soon as they exist; their pids."""
+    from txjournal.snapshot import fork
+
+    pids: list[int] = []
+    real_start = fork.start
+
+    def start_and_stop(*args: Any) -> Any:
+        pid, pipe = real_start(*args)
+        os.kill(pid, signal.SIGSTOP)
+        pids.append(pid)
+        return pid, pipe
+
+    monkeypatch.setattr(fork, "start", start_and_stop)
+    return pids
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -435,18 +452,7 @@ async def test_stop_waits_for_a_forked_snapshot_even_after_a_write_error(
     from twisted.internet import reactor
     from twisted.internet.task import deferLater
 
-    from txjournal.snapshot import fork
-
-    pids: list[int] = []
-    real_start = fork.start
-
-    def start_and_stop(*args: Any) -> Any:
-        pid, pipe = real_start(*args)
-        os.kill(pid, signal.SIGSTOP)
-        pids.append(pid)
-        return pid, pipe
-
-    monkeypatch.setattr(fork, "start", start_and_stop)
+    pids = stop_forked_children(monkeypatch)
     fs = _BreakableFS()
     datadir = str(tmp_path / "bank")
     svc = JournalService(bank, datadir, fs=fs)  # snapshot_on_stop: skipped after the error
@@ -466,7 +472,7 @@ async def test_stop_waits_for_a_forked_snapshot_even_after_a_write_error(
     os.kill(pids[0], signal.SIGCONT)
     assert await snapshot == 1
     await until(lambda: stopped == [None])
-    monkeypatch.setattr(fork, "start", real_start)
+    monkeypatch.undo()
     again = JournalService(bank, datadir, snapshot_on_stop=False)
     again.startService()
     assert again.loaded_snapshot_seq == 1
@@ -531,18 +537,7 @@ async def test_a_damaged_snapshot_with_a_pruned_journal_falls_back_to_the_live_m
 async def test_a_hung_forked_child_is_killed_after_the_timeout(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from txjournal.snapshot import fork
-
-    pids: list[int] = []
-    real_start = fork.start
-
-    def start_and_stop(*args: Any) -> Any:
-        pid, pipe = real_start(*args)
-        os.kill(pid, signal.SIGSTOP)  # hangs, as far as the service can tell
-        pids.append(pid)
-        return pid, pipe
-
-    monkeypatch.setattr(fork, "start", start_and_stop)
+    pids = stop_forked_children(monkeypatch)  # they hang, as far as the service can tell
     datadir = str(tmp_path / "bank")
     svc = JournalService(bank, datadir, snapshot_on_stop=False, snapshot_timeout=1.0)
     svc.startService()
@@ -551,7 +546,7 @@ async def test_a_hung_forked_child_is_killed_after_the_timeout(
         await svc.snapshot()
     assert not alive(pids[0])
     assert os.listdir(os.path.join(datadir, "snapshots")) == []
-    monkeypatch.setattr(fork, "start", real_start)
+    monkeypatch.undo()
     svc.snapshot_timeout = None  # a loaded machine may need more than 1 s
     assert await svc.snapshot() == 1
     await svc.stopService()
