@@ -241,54 +241,54 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             note="gaps between 1 ms heartbeat ticks, one caller executing commands meanwhile",
             extra=common_extra,
         ))
-        gaps = heartbeat.gaps_ms(snap_t0, snap_t1)
-        during = caller.between(snap_t0, snap_t1)
-        p50c, p99c = latency_ms(during) if during else (float("nan"), float("nan"))
-        results.append(Result(
-            "snapshot", f"snapshot {mib} MiB: JournalService.snapshot()",
-            1, snap_t1 - snap_t0, None, percentile(gaps, 50), percentile(gaps, 99),
-            gaps[-1] if gaps else None, group="snapshot",
+
+        def during_snapshot(
+            key: str, label: str, t0: float, t1: float, note: str, commands_label: str,
+            commands_note: str, **extra: Any,
+        ) -> None:
+            """The snapshot's row (heartbeat gaps) and its commands' row (latencies)."""
+            gaps = heartbeat.gaps_ms(t0, t1)
+            during = caller.between(t0, t1)
+            p50c, p99c = latency_ms(during) if during else (float("nan"), float("nan"))
+            results.append(Result(
+                key, f"snapshot {mib} MiB: {label}",
+                1, t1 - t0, None, percentile(gaps, 50), percentile(gaps, 99),
+                gaps[-1] if gaps else None, group="snapshot", note=note,
+                extra=dict(common_extra, **extra, commands_during=len(during),
+                           longest_gaps=heartbeat.longest(t0, t1),
+                           command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
+            ))
+            results.append(Result(
+                f"{key}_commands", f"snapshot {mib} MiB: {commands_label}",
+                len(during), t1 - t0, len(during) / (t1 - t0), p50c, p99c,
+                max(during, default=0) * 1e3, group="snapshot", note=commands_note,
+                extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
+            ))
+
+        during_snapshot(
+            "snapshot", "JournalService.snapshot()", snap_t0, snap_t1,
             note=(f"model: {entries:,} customer tuples, {model_mib:.0f} MiB of RSS, built in "
                   f"{build_seconds:.1f} s; snapshot at seq {seq}: {snap_bytes / 2**20:.0f} MiB "
                   f"on disk; the fork paused the reactor {pause_ms:.1f} ms; "
                   f"p50/p99/max ms = heartbeat gaps during the snapshot"),
-            extra=dict(common_extra, snapshot_bytes=snap_bytes, commands_during=len(during),
-                       fork_pause_ms=pause_ms, longest_gaps=heartbeat.longest(snap_t0, snap_t1),
-                       command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
-        ))
-        results.append(Result(
-            "snapshot_commands", f"snapshot {mib} MiB: commands during the snapshot",
-            len(during), snap_t1 - snap_t0, len(during) / (snap_t1 - snap_t0), p50c, p99c,
-            max(during, default=0) * 1e3, group="snapshot",
-            note=(f"one caller executing a small command about every ms; latency while idle "
-                  f"p50 {latency_ms(idle_lat)[0]:.2f} ms, max "
-                  f"{max(idle_lat, default=0) * 1e3:.1f} ms"),
-            extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
-        ))
-        gaps = heartbeat.gaps_ms(replay_t0, replay_t1)
-        during = caller.between(replay_t0, replay_t1)
-        p50c, p99c = latency_ms(during) if during else (float("nan"), float("nan"))
-        results.append(Result(
-            "snapshot_replay", f"snapshot {mib} MiB: snapshot() with snapshot_app (replay process)",
-            1, replay_t1 - replay_t0, None, percentile(gaps, 50), percentile(gaps, 99),
-            gaps[-1] if gaps else None, group="snapshot",
+            commands_label="commands during the snapshot",
+            commands_note=(f"one caller executing a small command about every ms; latency "
+                           f"while idle p50 {latency_ms(idle_lat)[0]:.2f} ms, max "
+                           f"{max(idle_lat, default=0) * 1e3:.1f} ms"),
+            snapshot_bytes=snap_bytes, fork_pause_ms=pause_ms,
+        )
+        during_snapshot(
+            "snapshot_replay", "snapshot() with snapshot_app (replay process)",
+            replay_t0, replay_t1,
             note=(f"snapshot at seq {replay_seq} written by a new process that loaded the "
                   f"snapshot at {seq} and replayed {replay_seq - seq} commands: "
                   f"{replay_bytes / 2**20:.0f} MiB on disk; starting it paused the reactor "
                   f"{replay_pause_ms:.1f} ms; p50/p99/max ms = heartbeat gaps meanwhile"),
-            extra=dict(common_extra, snapshot_bytes=replay_bytes, commands_during=len(during),
-                       start_pause_ms=replay_pause_ms, replayed=replay_seq - seq,
-                       longest_gaps=heartbeat.longest(replay_t0, replay_t1),
-                       command_max_ms=max(during, default=0) * 1e3, gaps=len(gaps)),
-        ))
-        results.append(Result(
-            "snapshot_replay_commands",
-            f"snapshot {mib} MiB: commands during the replay-process snapshot",
-            len(during), replay_t1 - replay_t0, len(during) / (replay_t1 - replay_t0), p50c, p99c,
-            max(during, default=0) * 1e3, group="snapshot",
-            note="one caller executing a small command about every ms",
-            extra=dict(common_extra, idle_max_ms=max(idle_lat, default=0) * 1e3),
-        ))
+            commands_label="commands during the replay-process snapshot",
+            commands_note="one caller executing a small command about every ms",
+            snapshot_bytes=replay_bytes, start_pause_ms=replay_pause_ms,
+            replayed=replay_seq - seq,
+        )
         for r in results:
             announce(r)
 
