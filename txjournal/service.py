@@ -752,7 +752,8 @@ class JournalService(Service, Generic[M]):
                 self.log.failure("Snapshot at {seq} failed: cannot fork", seq=seq)
                 return fail(SnapshotError(f"cannot fork the snapshot process: {e}"))
             how = f"forked child {pid}"
-            deadline = self._deadline(_PidKiller(pid))
+            killer = _PidKiller(pid)
+            deadline = self._deadline(killer, close=killer.close)
 
             def write() -> tuple[str, int, list[int]]:
                 try:
@@ -800,10 +801,12 @@ class JournalService(Service, Generic[M]):
                 seq=seq, store=store.location, error=e,
             )
 
-    def _deadline(self, kill: Callable[[], object]) -> _Deadline:
+    def _deadline(
+        self, kill: Callable[[], object], close: Callable[[], object] | None = None
+    ) -> _Deadline:
         timeout = self.snapshot_timeout
         deadline = _Deadline(None)
-        deadline.closing = getattr(kill, "close", None)
+        deadline.closing = close
         if not timeout:
             return deadline
 
